@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install what the project needs, then run the whole test suite (slow tests included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"

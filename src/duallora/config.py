@@ -1,0 +1,111 @@
+"""Configuration fields and checks shared by :class:`DualLoraConfig` and :class:`D2LoraConfig`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+
+def check_choice(field_name: str, value: str, valid: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the field and the valid names when ``value`` is not one of them."""
+    if value not in valid:
+        raise ValueError(f"`{field_name}` must be one of {list(valid)}; got {value!r}.")
+
+
+def check_range(field_name: str, value, allowed: str, ok: bool) -> None:
+    """Raise a ValueError naming the field and its allowed range when ``ok`` is False."""
+    if not ok:
+        raise ValueError(f"`{field_name}` must be {allowed}; got {value!r}.")
+
+
+@dataclass
+class WeightAdapterConfig(PeftConfig):
+    """PEFT's usual adapter fields, as ``LoraConfig`` names them, for adapters that rewrite a layer's weight."""
+
+    r: int = field(default=8, metadata={"help": "Total rank budget of the adapter."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scale numerator of the update."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (exact or suffix match), a regex string, or 'all-linear' (every Linear/Conv1D but "
+            "the output layer)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the ModuleList that `layers_to_transform` indexes, e.g. 'layers'."}
+    )
+    rank_pattern: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Per-module rank overrides: {regex or name: r}."}
+    )
+    alpha_pattern: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Per-module alpha overrides: {regex or name: lora_alpha}."}
+    )
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Dropout on the adapter path's input. 0 keeps the forward a single matmul with the adapted weight; "
+            "> 0 computes x W0^T + dropout(x) dW^T (two matmuls)."
+        },
+    )
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "True for layers that store their weight as (in, out), like GPT-2's Conv1D."}
+    )
+    bias: Literal["none", "all"] = field(
+        default="none", metadata={"help": "Which biases to train: 'none' or 'all'."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides the adapted layers to train and save, e.g. a classifier."}
+    )
+    memory_efficient: bool = field(
+        default=True,
+        metadata={
+            "help": "Use the hand-written backward that rebuilds the out x in matrices from the factors instead of "
+            "keeping them between forward and backward. False runs plain autograd (more memory; a reference)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` needs `layers_to_transform` to be set as well.")
+        self.check_rank("r", self.r)
+        check_range("lora_alpha", self.lora_alpha, "> 0", _is_number(self.lora_alpha) and self.lora_alpha > 0)
+        check_range("lora_dropout", self.lora_dropout, "in [0, 1)", 0 <= self.lora_dropout < 1)
+        check_choice("bias", self.bias, ("none", "all"))
+        for key, rank in (self.rank_pattern or {}).items():
+            self.check_rank(f"rank_pattern[{key!r}]", rank)
+        for key, alpha in (self.alpha_pattern or {}).items():
+            check_range(f"alpha_pattern[{key!r}]", alpha, "> 0", _is_number(alpha) and alpha > 0)
+
+    def check_rank(self, field_name: str, rank) -> None:
+        """Ranks are positive integers; methods with more structure narrow this."""
+        check_range(field_name, rank, "a positive integer (>= 1)", isinstance(rank, int) and rank >= 1)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config and remember the directory, so the tuner can check the weights file against the base
+        model before it changes the model (a bad file then leaves the model untouched)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        if os.path.isdir(path):
+            config._adapter_dir = path
+        return config
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

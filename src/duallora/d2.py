@@ -1,0 +1,119 @@
+"""D2-LoRA: a signed two-branch update with a per-unit norm projection (arXiv 2602.14728).
+
+::
+
+    dW    = (lora_alpha / r) * (A_pos @ B_pos - tau * A_neg @ B_neg)    (out,r)(r,in), two branches
+    W*    = (W0 + dW) * n(W0) / n(W0 + dW)                              each unit back to its original norm
+    W_hat = W* + dW                                                     Eq. 3: the update is added once more
+    y     = x W_hat^T + b
+
+Two rank-r branches hold 2x LoRA's parameters at r: compare it with LoRA at 2r.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._peft import ensure_peft_type
+from .config import WeightAdapterConfig, check_choice, check_range
+from .functional import NORM_AXES, D2LoraLinearFunction, d2_delta_weight, d2_unit_scale, d2_unmerge, d2_weight, unit_norm
+from .layer import AdaptedLayer
+
+
+@dataclass
+class D2LoraConfig(WeightAdapterConfig):
+    """Configuration of a D2-LoRA adapter: PEFT's usual fields plus the method's own (METHODS.md)."""
+
+    tau: float = field(default=0.5, metadata={"help": "Fixed weight of the negative branch (>= 0; paper: 0.5)."})
+    norm_axis: str = field(
+        default="out",
+        metadata={"help": "'out': the norm of each output unit's weights (as PEFT's DoRA); 'in': of each input column."},
+    )
+    detach_norm: bool = field(
+        default=False, metadata={"help": "Stop the gradient through n(W0 + dW) (DoRA's choice: less memory)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("d2_lora")
+        check_range("tau", self.tau, ">= 0", isinstance(self.tau, (int, float)) and self.tau >= 0)
+        check_choice("norm_axis", self.norm_axis, NORM_AXES)
+
+
+@dataclass(frozen=True)
+class D2Options:
+    """Per-adapter constants of one D2-LoRA layer."""
+
+    scaling: float  # lora_alpha / r
+    tau: float
+    norm_axis: str
+    detach_norm: bool
+
+
+class D2LoraLayer(AdaptedLayer):
+    """A Linear/Conv1D adapted with D2-LoRA.
+
+    ``n(W0)`` is recomputed from the frozen input weight in each call (one cheap norm pass, no gradient): unlike a
+    stored buffer it cannot go stale under a dtype cast or an earlier merged adapter.
+    """
+
+    prefix = "d2_lora_"
+    adapter_layer_names = ("d2_lora_A_pos", "d2_lora_B_pos", "d2_lora_A_neg", "d2_lora_B_neg")
+    other_param_names = ("d2_lora_dropout", "d2_options", "memory_efficient")
+    factor_dims = {"d2_lora_A_pos": ("out", None), "d2_lora_B_pos": (None, "in"),
+                   "d2_lora_A_neg": ("out", None), "d2_lora_B_neg": (None, "in")}
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: D2LoraConfig, **kwargs) -> None:
+        self.d2_options: dict[str, D2Options] = {}
+        super().__init__(base_layer, adapter_name, config, **kwargs)
+
+    def create_adapter(self, adapter_name: str, config: D2LoraConfig, r: int, lora_alpha: float) -> None:
+        if not hasattr(self, "d2_lora_A_pos"):
+            for name in self.adapter_layer_names:
+                setattr(self, name, nn.ParameterDict())
+        self.d2_options[adapter_name] = D2Options(
+            scaling=lora_alpha / r, tau=config.tau, norm_axis=config.norm_axis, detach_norm=config.detach_norm
+        )
+        # dW = 0 at init: the factors that meet x first (B) random and independent (equal branches would stay
+        # collinear), the others (A) zero, as LoRA initialises its A and B.
+        for branch in ("pos", "neg"):
+            b = torch.empty(r, self.in_features)
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            getattr(self, f"d2_lora_B_{branch}")[adapter_name] = nn.Parameter(b)
+            getattr(self, f"d2_lora_A_{branch}")[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
+
+    def _input_norm(self, adapter_name: str, w_in: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return unit_norm(w_in.float(), self.d2_options[adapter_name].norm_axis)
+
+    def adapted_weight(self, adapter_name: str, w_in: torch.Tensor) -> torch.Tensor:
+        opts = self.d2_options[adapter_name]
+        A_pos = self.d2_lora_A_pos[adapter_name]
+        return d2_weight(
+            w_in.to(A_pos.dtype), *self.factors(adapter_name), opts.scaling, opts.tau,
+            self._input_norm(adapter_name, w_in), opts.norm_axis, opts.detach_norm,
+        )
+
+    def fused_linear(self, adapter_name, x, w0, bias, with_base: bool) -> torch.Tensor:
+        opts = self.d2_options[adapter_name]
+        return D2LoraLinearFunction.apply(
+            x, w0, bias, *self.factors(adapter_name), self._input_norm(adapter_name, w0),
+            opts.scaling, opts.tau, opts.norm_axis, opts.detach_norm, with_base,
+        )
+
+    def merge_weight(self, adapter_name: str, w_in: torch.Tensor):
+        """``W_hat`` in float32, and the per-unit scale ``k = n(W0)/n(W')`` that unmerge inverts with."""
+        opts = self.d2_options[adapter_name]
+        with torch.no_grad():
+            dw = d2_delta_weight(*self.factors(adapter_name), opts.scaling, opts.tau)
+            k = d2_unit_scale(w_in + dw, self._input_norm(adapter_name, w_in), opts.norm_axis)
+            return self.adapted_weight(adapter_name, w_in), k
+
+    def unmerge_weight(self, adapter_name: str, w_out: torch.Tensor, state) -> torch.Tensor:
+        opts = self.d2_options[adapter_name]
+        dw = d2_delta_weight(*self.factors(adapter_name), opts.scaling, opts.tau)
+        return d2_unmerge(w_out, dw, state)

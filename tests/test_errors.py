@@ -1,0 +1,138 @@
+"""Bad input gets an error that names the problem and the fix, and a failed call changes nothing."""
+
+import pytest
+import torch
+from conftest import tiny_llama
+from peft import PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from duallora import D2LoraConfig, DualLoraConfig
+from duallora.layer import AdaptedLayer
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def assert_unchanged(model, snap):
+    state, types = snap
+    assert [type(m) for m in model.modules()] == types
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("config_cls", [DualLoraConfig, D2LoraConfig])
+@pytest.mark.parametrize("r", [0, -3])
+def test_rank_must_be_positive(config_cls, r):
+    with pytest.raises(ValueError, match=r"`r` must be .*>= "):
+        config_cls(r=r)
+
+
+def test_dual_rank_split_must_add_up():
+    with pytest.raises(ValueError, match=r"`r1 \+ r2` must equal `r` = 8.*r1=4, r2=6"):
+        DualLoraConfig(r=8, r1=4, r2=6)
+    with pytest.raises(ValueError, match=r"`r1` must be an integer in \[1, r - 1\] = \[1, 7\]; got 8"):
+        DualLoraConfig(r=8, r1=8)
+    with pytest.raises(ValueError, match=r"`r` must be an integer >= 2"):
+        DualLoraConfig(r=1)
+    assert (DualLoraConfig(r=7).r1, DualLoraConfig(r=7).r2) == (3, 4)
+    assert (DualLoraConfig(r=8, r2=2).r1, DualLoraConfig(r=8, r2=2).r2) == (6, 2)
+
+
+@pytest.mark.parametrize("config_cls", [DualLoraConfig, D2LoraConfig])
+@pytest.mark.parametrize("alpha", [0, -1.0])
+def test_alpha_must_be_positive(config_cls, alpha):
+    with pytest.raises(ValueError, match=r"`lora_alpha` must be > 0"):
+        config_cls(lora_alpha=alpha)
+
+
+def test_out_of_range_fields_name_field_and_range():
+    with pytest.raises(ValueError, match=r"`tau` must be >= 0; got -0.1"):
+        D2LoraConfig(tau=-0.1)
+    with pytest.raises(ValueError, match=r"`lora_dropout` must be in \[0, 1\)"):
+        DualLoraConfig(lora_dropout=1.0)
+    with pytest.raises(ValueError, match=r"`warmup_steps` must be an integer >= 0"):
+        DualLoraConfig(warmup_steps=-1)
+    with pytest.raises(ValueError, match=r"`init_std` must be a number > 0, 'fan_in' or None"):
+        DualLoraConfig(init_std=0.0)
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\]"):
+        DualLoraConfig(rank_pattern={"q_proj": 1})
+
+
+@pytest.mark.parametrize("kwargs,valid", [
+    ({"ste": "sigmoid"}, "['clip', 'identity', 'hardtanh']"),
+    ({"magnitude_activation": "gelu"}, "['relu', 'tanh', 'sigmoid', 'identity']"),
+    ({"direction_activation": "relu"}, "['sign', 'tanh', 'identity']"),
+])
+def test_unknown_names_list_the_valid_ones(kwargs, valid):
+    with pytest.raises(ValueError, match=f"must be one of {valid.replace('[', '.').replace(']', '.')}"):
+        DualLoraConfig(**kwargs)
+
+
+def test_unknown_norm_axis_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"`norm_axis` must be one of \['out', 'in'\]; got 'rows'"):
+        D2LoraConfig(norm_axis="rows")
+
+
+@pytest.mark.parametrize("config_cls", [DualLoraConfig, D2LoraConfig])
+def test_targets_that_match_nothing_list_the_linear_modules(config_cls):
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"matched no module.*\['down_proj', 'gate_proj', 'k_proj', 'lm_head', "
+                                         r"'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"):
+        get_peft_model(model, config_cls(target_modules=["query", "value"]))
+    assert_unchanged(model, snap)
+
+
+def test_unsupported_target_type_is_a_type_error_and_changes_nothing():
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=r"model.embed_tokens.*Embedding.*Supported layer types: torch.nn.Linear and "
+                                        r"transformers' Conv1D"):
+        get_peft_model(model, DualLoraConfig(target_modules=["q_proj", "embed_tokens"]))
+    assert_unchanged(model, snap)
+
+
+def _saved_adapter(tmp_path, config):
+    model = get_peft_model(tiny_llama(), config)
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("config", [DualLoraConfig(target_modules=["q_proj", "up_proj"]),
+                                    D2LoraConfig(target_modules=["q_proj", "up_proj"])])
+def test_adapter_for_other_shapes_names_layer_and_both_shapes(config, tmp_path):
+    path = _saved_adapter(tmp_path, config)
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.up_proj' has weight shape \(out=48, in=32\).*"
+                                         r"made for a layer with out=64"):
+        PeftModel.from_pretrained(other, path)
+    assert_unchanged(other, snap)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_adapter_file_is_refused_and_the_model_is_untouched(damage, tmp_path):
+    path = _saved_adapter(tmp_path, DualLoraConfig(target_modules=["q_proj"]))
+    weights = path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x13\x00garbage" + data[10:])
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors is corrupt or truncated.*model was not changed"):
+        PeftModel.from_pretrained(model, path)
+    assert_unchanged(model, snap)
+    assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
+
+
+def test_corrupt_file_through_load_adapter_keeps_the_existing_adapter(tmp_path):
+    good = get_peft_model(tiny_llama(), DualLoraConfig(target_modules=["q_proj"]))
+    path = _saved_adapter(tmp_path, DualLoraConfig(target_modules=["q_proj"]))
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    snap = snapshot(good)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        good.load_adapter(str(path), adapter_name="broken")
+    assert_unchanged(good, snap)

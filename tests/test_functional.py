@@ -1,0 +1,237 @@
+"""The maths against hand-computed golden values and against references written independently here."""
+
+import math
+
+import pytest
+import torch
+
+from duallora.functional import (
+    D2LoraLinearFunction,
+    DualLoraLinearFunction,
+    d2_unmerge,
+    d2_unit_scale,
+    d2_weight,
+    dual_delta_weight,
+    dual_warmup_coef,
+    sign_pm1,
+    unit_norm,
+)
+
+torch.set_default_dtype(torch.float32)
+
+
+# ----------------------------------------------------------------------------- independent references
+def reference_dual_linear(x, w0, bias, A, B, C, D, coef, mag, dirn, ste, with_base=True):
+    """Dual LoRA written from the paper with autograd doing the work; the STE is built from hooks and detach."""
+    p = B @ A
+    q = D @ C
+    w_m = {"relu": torch.nn.functional.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+           "identity": lambda t: t}[mag](p)
+    if dirn == "sign":
+        hard = torch.where(q > 0, torch.ones_like(q), -torch.ones_like(q))
+        if ste == "hardtanh":
+            soft = torch.nn.functional.hardtanh(q)  # derivative 1 on [-1, 1], 0 outside
+        else:
+            soft = q
+        w_d = soft + (hard - soft).detach()
+        if ste == "clip" and w_d.requires_grad:
+            w_d.register_hook(lambda g: g.clamp(-1, 1))
+    else:
+        w_d = {"tanh": torch.tanh, "identity": lambda t: t}[dirn](q)
+    dw = coef * w_m * w_d
+    w = w0 + dw if with_base else dw
+    return torch.einsum("bti,oi->bto", x, w) + (bias if bias is not None else 0)
+
+
+def reference_d2_linear(x, w0, bias, Ap, Bp, An, Bn, scale, tau, axis, detach, with_base=True):
+    dw = scale * (Ap @ Bp) - scale * tau * (An @ Bn)
+    wp = w0 + dw
+    dim = 1 if axis == "out" else 0
+    n0 = (w0.detach() ** 2).sum(dim, keepdim=True).sqrt()
+    n = (wp ** 2).sum(dim, keepdim=True).sqrt()
+    if detach:
+        n = n.detach()
+    w_hat = wp / n * n0 + dw
+    w = w_hat if with_base else w_hat - w0
+    return torch.einsum("bti,oi->bto", x, w) + (bias if bias is not None else 0)
+
+
+def _dual_inputs(dtype=torch.float64, out=6, inp=5, r1=2, r2=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    x = mk(2, 4, inp)
+    w0, bias = mk(out, inp), mk(out)
+    A, B, C, D = mk(r1, inp), mk(out, r1), mk(r2, inp), mk(out, r2)
+    return x, w0, bias, A, B, C, D
+
+
+# ----------------------------------------------------------------------------- golden values
+def test_sign_of_zero_is_minus_one():
+    assert sign_pm1(torch.tensor([-2.0, 0.0, 3.0])).tolist() == [-1.0, -1.0, 1.0]
+
+
+def test_dual_delta_weight_golden_by_hand():
+    A = torch.tensor([[1.0, -2.0]])
+    B = torch.tensor([[1.0], [2.0]])
+    C = torch.tensor([[1.0, 0.0]])
+    D = torch.tensor([[-1.0], [0.0]])
+    # ReLU(BA) = [[1, 0], [2, 0]]; Sign(DC) = Sign([[-1, 0], [0, 0]]) = all -1 (Sign(0) = -1); s = 2 / sqrt(1 * 1)
+    dw = dual_delta_weight(A, B, C, D, coef=2.0)
+    torch.testing.assert_close(dw, torch.tensor([[-2.0, 0.0], [-4.0, 0.0]]))
+
+
+def test_d2_weight_golden_by_hand():
+    w0 = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    Ap, Bp = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0, 5.0]])
+    An, Bn = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0, 0.0]])
+    # dW = [[0, 5], [-1, 0]]; W' = [[3, 9], [-1, 1]]; rows rescaled to norms 5 and 1, then + dW
+    r90, r2 = math.sqrt(90), math.sqrt(2)
+    expected = torch.tensor([[15 / r90, 45 / r90 + 5], [-1 / r2 - 1, 1 / r2]])
+    w_hat = d2_weight(w0, Ap, Bp, An, Bn, scale=1.0, tau=0.5, w0_norm=unit_norm(w0, "out"))
+    torch.testing.assert_close(w_hat, expected)
+
+
+def test_d2_column_axis_keeps_column_norms_of_w_star():
+    w0 = torch.randn(5, 4)
+    dw_factors = torch.randn(5, 2), torch.randn(2, 4), torch.randn(5, 2), torch.randn(2, 4)
+    w_hat = d2_weight(w0, *dw_factors, scale=1.0, tau=0.5, w0_norm=unit_norm(w0, "in"), norm_axis="in")
+    dw = dw_factors[0] @ dw_factors[1] - 0.5 * dw_factors[2] @ dw_factors[3]
+    torch.testing.assert_close(unit_norm(w_hat - dw, "in"), unit_norm(w0, "in"))
+
+
+def test_d2_unmerge_inverts_merge():
+    w0 = torch.randn(6, 5, dtype=torch.float64)
+    f = [torch.randn(6, 2, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64),
+         torch.randn(6, 2, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)]
+    dw = f[0] @ f[1] - 0.5 * f[2] @ f[3]
+    n0 = unit_norm(w0, "out")
+    w_hat = d2_weight(w0, *f, scale=1.0, tau=0.5, w0_norm=n0)
+    k = d2_unit_scale(w0 + dw, n0)
+    torch.testing.assert_close(d2_unmerge(w_hat, dw, k), w0)
+
+
+def test_warmup_coefficient_ramps_then_saturates():
+    coefs = [float(dual_warmup_coef(torch.tensor(t), 4, 2.0)) for t in (0, 1, 4, 9)]
+    assert coefs == [0.0, 0.5, 2.0, 2.0]
+    assert float(dual_warmup_coef(torch.tensor(0), 0, 2.0)) == 2.0  # warmup_steps = 0: off
+
+
+# ----------------------------------------------------------------------------- dual: hand-written backward
+@pytest.mark.parametrize("ste", ["clip", "identity", "hardtanh"])
+@pytest.mark.parametrize("mag,dirn", [("relu", "sign"), ("tanh", "sign"), ("sigmoid", "tanh"),
+                                      ("identity", "identity"), ("relu", "tanh")])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_dual_backward_equals_reference_autograd(ste, mag, dirn, with_base):
+    x, w0, bias, A, B, C, D = _dual_inputs()
+    coef = torch.tensor(0.7, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, C, D)]
+    y = DualLoraLinearFunction.apply(leaves[0], w0, bias, *leaves[1:], coef, with_base, mag, dirn, ste)
+    grad_out = torch.randn_like(y) * 3  # large enough that the clip STE clips some entries
+    got = torch.autograd.grad(y, leaves, grad_out)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, A, B, C, D)]
+    y_ref = reference_dual_linear(ref_leaves[0], w0, bias, *ref_leaves[1:], coef, mag, dirn, ste, with_base)
+    expected = torch.autograd.grad(y_ref, ref_leaves, grad_out)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for name, g, e in zip("xABCD", got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+def test_dual_clip_ste_actually_clips():
+    """With a large upstream gradient the three STEs must disagree (else the test above proves nothing)."""
+    x, w0, bias, A, B, C, D = _dual_inputs()
+    coef = torch.tensor(5.0, dtype=torch.float64)
+    grads = {}
+    for ste in ("clip", "identity", "hardtanh"):
+        Cg = C.clone().requires_grad_()
+        y = DualLoraLinearFunction.apply(x, w0, bias, A, B, Cg, D, coef, True, "relu", "sign", ste)
+        grads[ste] = torch.autograd.grad((y * 10).sum(), Cg)[0]
+    assert not torch.allclose(grads["clip"], grads["identity"])
+    assert not torch.allclose(grads["hardtanh"], grads["identity"])
+
+
+def test_dual_gradcheck_magnitude_factors_and_input():
+    x, w0, bias, A, B, C, D = _dual_inputs()
+    coef = torch.tensor(0.9, dtype=torch.float64)
+    fn = lambda x_, A_, B_: DualLoraLinearFunction.apply(x_, w0, bias, A_, B_, C, D, coef, True,  # noqa: E731
+                                                           "relu", "sign", "clip")
+    assert torch.autograd.gradcheck(fn, [t.clone().requires_grad_() for t in (x, A, B)])
+
+
+@pytest.mark.parametrize("mag,dirn", [("tanh", "tanh"), ("sigmoid", "identity"), ("relu", "tanh")])
+def test_dual_gradcheck_all_factors_smooth_activations(mag, dirn):
+    x, w0, bias, A, B, C, D = _dual_inputs()
+    coef = torch.tensor(0.9, dtype=torch.float64)
+    fn = lambda *t: DualLoraLinearFunction.apply(t[0], w0, bias, *t[1:], coef, True, mag, dirn, "clip")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, [t.clone().requires_grad_() for t in (x, A, B, C, D)])
+
+
+def test_dual_gradcheck_frozen_weight_and_bias_grads():
+    x, w0, bias, A, B, C, D = _dual_inputs()
+    coef = torch.tensor(0.9, dtype=torch.float64)
+    fn = lambda w0_, b_: DualLoraLinearFunction.apply(x, w0_, b_, A, B, C, D, coef, True,  # noqa: E731
+                                                       "relu", "sign", "clip")
+    assert torch.autograd.gradcheck(fn, [w0.clone().requires_grad_(), bias.clone().requires_grad_()])
+
+
+# ----------------------------------------------------------------------------- d2: hand-written backward
+def _d2_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return mk(2, 3, 5), mk(6, 5), mk(6), mk(6, 2), mk(2, 5), mk(6, 2), mk(2, 5)
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_d2_gradcheck_through_the_norm(axis, with_base):
+    x, w0, bias, Ap, Bp, An, Bn = _d2_inputs()
+
+    def fn(x_, w0_, Ap_, Bp_, An_, Bn_):
+        n0 = unit_norm(w0_.detach(), axis)  # n(W0) is a constant of the layer
+        return D2LoraLinearFunction.apply(x_, w0_, bias, Ap_, Bp_, An_, Bn_, n0, 0.8, 0.5, axis, False, with_base)
+
+    leaves = [t.clone().requires_grad_() for t in (x, w0, Ap, Bp, An, Bn)]
+    # W0's true gradient would also flow through n(W0); the layer treats n(W0) as a constant, so check W0 by
+    # comparison with the reference below and leave it out of the finite differences here
+    assert torch.autograd.gradcheck(lambda *t: fn(t[0], w0, *t[1:]), [leaves[0]] + leaves[2:])
+
+
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_d2_backward_equals_reference_autograd(detach, axis):
+    x, w0, bias, Ap, Bp, An, Bn = _d2_inputs(seed=3)
+    n0 = unit_norm(w0, axis)
+    leaves = [t.clone().requires_grad_() for t in (x, w0, bias, Ap, Bp, An, Bn)]
+    y = D2LoraLinearFunction.apply(leaves[0], leaves[1], leaves[2], *leaves[3:], n0, 0.8, 0.5, axis, detach, True)
+    grad_out = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, grad_out)
+    ref = [t.clone().requires_grad_() for t in (x, w0, bias, Ap, Bp, An, Bn)]
+    y_ref = reference_d2_linear(ref[0], ref[1], ref[2], *ref[3:], 0.8, 0.5, axis, detach)
+    expected = torch.autograd.grad(y_ref, ref, grad_out)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for name, g, e in zip(["x", "w0", "bias", "A_pos", "B_pos", "A_neg", "B_neg"], got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+def test_d2_detach_norm_changes_the_gradient():
+    x, w0, bias, Ap, Bp, An, Bn = _d2_inputs(seed=5)
+    n0 = unit_norm(w0, "out")
+    grads = []
+    for detach in (False, True):
+        a = Ap.clone().requires_grad_()
+        y = D2LoraLinearFunction.apply(x, w0, bias, a, Bp, An, Bn, n0, 0.8, 0.5, "out", detach, True)
+        grads.append(torch.autograd.grad(y.square().sum(), a)[0])
+    assert not torch.allclose(*grads)
+
+
+# ----------------------------------------------------------------------------- autocast
+def test_dual_function_under_bf16_autocast_matches_float32_closely():
+    x, w0, bias, A, B, C, D = (t.float() for t in _dual_inputs(dtype=torch.float32))
+    coef = torch.tensor(0.5)
+    y32 = DualLoraLinearFunction.apply(x, w0, bias, A, B, C, D, coef, True, "relu", "sign", "clip")
+    Ab = A.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = DualLoraLinearFunction.apply(x, w0, bias, Ab, B, C, D, coef, True, "relu", "sign", "clip")
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=5e-2)
+    y16.float().sum().backward()
+    assert Ab.grad.dtype == torch.float32 and torch.isfinite(Ab.grad).all()

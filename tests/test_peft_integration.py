@@ -1,0 +1,438 @@
+"""Both methods through PEFT's own machinery, on tiny LLaMA, BERT and GPT-2 (Conv1D) models."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import MODELS, model_output, tiny_bert, tiny_gpt2, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from duallora import D2LoraConfig, DualLoraConfig, set_warmup_step, warmup_steps_taken
+from duallora.layer import AdaptedLayer
+
+METHODS = {
+    "dual": lambda **kw: DualLoraConfig(**{"warmup_steps": 0, **kw}),
+    "d2": lambda **kw: D2LoraConfig(**kw),
+}
+
+
+def trained_like(model):
+    """Give every factor random values so that dW != 0 (a fresh D2 adapter is exactly the base model)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_lora_" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def adapted(model_name, method, target="all-linear", **kw):
+    base = MODELS[model_name]()
+    config = METHODS[method](r=4, lora_alpha=8, target_modules=target, **kw)
+    if model_name == "bert":
+        config.modules_to_save = ["classifier"]
+    return trained_like(get_peft_model(base, config))
+
+
+# ----------------------------------------------------------------------------- parameter budget
+@pytest.mark.parametrize("model_name", ["llama", "bert", "gpt2"])
+def test_dual_has_lora_parameter_count_and_d2_has_lora_2r(model_name):
+    def count(config):
+        return get_peft_model(MODELS[model_name](), config).get_nb_trainable_parameters()[0]
+
+    lora_r = count(LoraConfig(r=8, target_modules="all-linear"))
+    lora_2r = count(LoraConfig(r=16, target_modules="all-linear"))
+    assert count(DualLoraConfig(r=8, target_modules="all-linear")) == lora_r
+    assert count(DualLoraConfig(r=8, r1=3, target_modules="all-linear")) == lora_r
+    assert count(D2LoraConfig(r=8, target_modules="all-linear")) == lora_2r
+
+
+def test_parameter_names_and_shapes_follow_the_spec():
+    model = get_peft_model(tiny_llama(), DualLoraConfig(r=6, r1=2, target_modules=["up_proj"]))
+    layer = model.base_model.model.model.layers[0].mlp.up_proj  # Linear(32 -> 64)
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters() if p.requires_grad}
+    assert shapes == {"dual_lora_A.default": (2, 32), "dual_lora_B.default": (64, 2),
+                      "dual_lora_C.default": (4, 32), "dual_lora_D.default": (64, 4)}
+    model = get_peft_model(tiny_llama(), D2LoraConfig(r=3, target_modules=["up_proj"]))
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters() if p.requires_grad}
+    assert shapes == {"d2_lora_A_pos.default": (64, 3), "d2_lora_B_pos.default": (3, 32),
+                      "d2_lora_A_neg.default": (64, 3), "d2_lora_B_neg.default": (3, 32)}
+
+
+# ----------------------------------------------------------------------------- merge
+@pytest.mark.parametrize("model_name", ["llama", "bert", "gpt2"])
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_merged_equals_unmerged_and_unmerge_restores(model_name, method, inputs):
+    model = adapted(model_name, method)
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with torch.no_grad():
+        unmerged = model_output(model, inputs)
+        model.merge_adapter()
+        merged = model_output(model, inputs)
+        model.unmerge_adapter()
+        again = model_output(model, inputs)
+    assert (merged - unmerged).abs().max() <= 1e-5
+    assert (again - unmerged).abs().max() <= 1e-5
+    for name, p in model.named_parameters():
+        if name in base_weights:
+            assert (p - base_weights[name]).abs().max() <= 1e-6, name
+    plain = model.merge_and_unload(safe_merge=True)
+    assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
+    with torch.no_grad():
+        assert (model_output(plain, inputs) - unmerged).abs().max() <= 1e-5
+
+
+def test_merge_and_unload_gives_a_plain_transformers_model(inputs):
+    model = adapted("gpt2", "dual")
+    with torch.no_grad():
+        expected = model_output(model, inputs)
+    plain = model.merge_and_unload()
+    assert type(plain).__name__ == "GPT2LMHeadModel"
+    assert type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    with torch.no_grad():
+        assert (model_output(plain, inputs) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_safe_merge_refuses_nan_and_leaves_every_base_weight_untouched(method):
+    model = adapted("llama", method)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    last = [m for m in model.modules() if isinstance(m, AdaptedLayer)][-1]
+    with torch.no_grad():
+        getattr(last, last.adapter_layer_names[0])["default"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        model.merge_and_unload(safe_merge=True)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        model.merge_adapter(safe_merge=True)
+    for n, p in model.named_parameters():
+        if "base_layer" in n:
+            assert torch.equal(p, before[n]), n
+    assert not any(m.merged for m in model.modules() if isinstance(m, AdaptedLayer))
+
+
+# ----------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("model_name", ["llama", "bert", "gpt2"])
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_save_load_round_trip_in_a_fresh_model(model_name, method, inputs, tmp_path):
+    model = adapted(model_name, method, **({"warmup_steps": 50} if method == "dual" else {}))
+    if method == "dual":
+        set_warmup_step(model, 17)
+    with torch.no_grad():
+        expected = model_output(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(MODELS[model_name](), tmp_path)
+    saved = dict(model.named_parameters())
+    for name, p in loaded.named_parameters():
+        if "_lora_" in name or "modules_to_save" in name:
+            assert torch.equal(p, saved[name]), name
+    with torch.no_grad():
+        assert torch.equal(model_output(loaded, inputs), expected)
+    if method == "dual":
+        assert warmup_steps_taken(loaded) == 17
+        assert "dual_lora_step" in " ".join(load_file(tmp_path / "adapter_model.safetensors"))
+
+
+def test_loaded_config_round_trips_every_method_field(tmp_path):
+    config = DualLoraConfig(r=6, r1=4, lora_alpha=3, warmup_steps=7, ste="hardtanh", magnitude_activation="tanh",
+                            direction_activation="tanh", init_std=0.1, target_modules=["q_proj"])
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).peft_config["default"]
+    for field in ("r", "r1", "r2", "lora_alpha", "warmup_steps", "ste", "magnitude_activation",
+                  "direction_activation", "init_std"):
+        assert getattr(loaded, field) == getattr(config, field), field
+    assert type(loaded) is DualLoraConfig
+
+
+# ----------------------------------------------------------------------------- adapters
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_several_adapters_switching_deleting_and_disabling(method, inputs):
+    base_model = tiny_llama()
+    with torch.no_grad():
+        base_out = model_output(base_model, inputs)
+    model = get_peft_model(base_model, METHODS[method](r=4, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("second", METHODS[method](r=2, target_modules=["q_proj", "v_proj", "o_proj"]))
+    trained_like(model)
+    with torch.no_grad():
+        out_default = model_output(model, inputs)
+        model.set_adapter("second")
+        out_second = model_output(model, inputs)
+        model.set_adapter("default")
+        assert torch.equal(model_output(model, inputs), out_default)
+        with model.disable_adapter():
+            assert (model_output(model, inputs) - base_out).abs().max() <= 1e-6
+    assert (out_default - out_second).abs().max() > 1e-3
+    assert (out_default - base_out).abs().max() > 1e-3
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default" in n for n in trainable)
+    model.delete_adapter("second")
+    assert not any(".second" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model_output(model, inputs), out_default)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_two_active_adapters_compose_and_merge_the_same_way(method, inputs):
+    model = get_peft_model(tiny_llama(), METHODS[method](r=4, target_modules=["q_proj", "down_proj"]))
+    model.add_adapter("other", METHODS[method](r=2, target_modules=["q_proj", "down_proj"]))
+    trained_like(model)
+    model.base_model.set_adapter(["default", "other"])
+    with torch.no_grad():
+        unmerged = model_output(model, inputs)
+        model.merge_adapter()
+        merged = model_output(model, inputs)
+    assert (merged - unmerged).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_only_adapter_parameters_receive_gradients(method, inputs):
+    model = adapted("bert", method)
+    model.train()
+    model(inputs, labels=torch.tensor([0, 2])).loss.backward()
+    for name, p in model.named_parameters():
+        has_grad = p.grad is not None and p.grad.abs().sum() > 0
+        expected = "_lora_" in name or "modules_to_save" in name
+        assert has_grad == expected, name
+
+
+def test_inference_mode_freezes_the_adapter():
+    model = get_peft_model(tiny_llama(), DualLoraConfig(r=4, target_modules=["q_proj"], inference_mode=True))
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_rank_and_alpha_patterns_apply_per_layer():
+    config = DualLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                            rank_pattern={"v_proj": 8}, alpha_pattern={"v_proj": 2})
+    model = get_peft_model(tiny_llama(), config)
+    attn = model.base_model.model.model.layers[0].self_attn
+    assert attn.q_proj.dual_options["default"].r1 == 2 and attn.v_proj.dual_options["default"].r1 == 4
+    assert attn.v_proj.dual_options["default"].scaling == pytest.approx(2 / math.sqrt(4 * 4))
+
+
+def test_layers_to_transform_and_exclude_modules():
+    config = D2LoraConfig(r=2, target_modules=["q_proj", "k_proj"], layers_to_transform=[1], layers_pattern="layers")
+    model = get_peft_model(tiny_llama(), config)
+    assert sorted(model.targeted_module_names) == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj"]
+    model = get_peft_model(tiny_llama(), DualLoraConfig(r=2, target_modules="all-linear", exclude_modules=["k_proj"]))
+    assert not any("k_proj" in n for n in model.targeted_module_names) and len(model.targeted_module_names) == 12
+
+
+def test_regex_target_modules():
+    model = get_peft_model(tiny_llama(), DualLoraConfig(r=2, target_modules=r".*layers\.0\.mlp\.(up|down)_proj"))
+    assert sorted(model.targeted_module_names) == ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"]
+
+
+# ----------------------------------------------------------------------------- warm-up
+def test_warmup_starts_at_the_base_model_and_counts_optimizer_steps(inputs):
+    base = tiny_llama()
+    with torch.no_grad():
+        base_out = model_output(base, inputs)
+    model = get_peft_model(base, DualLoraConfig(r=4, target_modules="all-linear", warmup_steps=4))
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model_output(model, inputs), base_out)  # lam_0 = 0: dW = 0 exactly
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for micro_batch in range(3):  # gradient accumulation: three backward passes, one optimizer step
+        model(inputs, labels=inputs).loss.backward()
+    assert warmup_steps_taken(model) == 0
+    optimizer.step()
+    assert warmup_steps_taken(model) == 1
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert float(layer.warmup_coef("default")) == pytest.approx(0.25 * layer.dual_options["default"].scaling)
+    with torch.no_grad():
+        assert (model_output(model, inputs) - base_out).abs().max() > 1e-4
+
+
+def test_warmup_ignores_optimizers_that_do_not_hold_the_adapter(inputs):
+    model = get_peft_model(tiny_llama(), DualLoraConfig(r=4, target_modules=["q_proj"], warmup_steps=4))
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    other.step()
+    assert warmup_steps_taken(model) == 0
+
+
+def test_resumed_training_continues_the_warmup(tmp_path, inputs):
+    model = get_peft_model(tiny_llama(), DualLoraConfig(r=4, target_modules=["q_proj"], warmup_steps=10))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(inputs, labels=inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path)
+    resumed = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert warmup_steps_taken(resumed) == 3
+    opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2)
+    resumed(inputs, labels=inputs).loss.backward()
+    opt2.step()
+    assert warmup_steps_taken(resumed) == 4
+
+
+def test_deep_copied_model_keeps_counting(inputs):
+    model = copy.deepcopy(get_peft_model(tiny_llama(), DualLoraConfig(r=4, target_modules=["q_proj"])))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(inputs, labels=inputs).loss.backward()
+    optimizer.step()
+    assert warmup_steps_taken(model) == 1
+
+
+# ----------------------------------------------------------------------------- eval cache
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_eval_cache_is_reused_and_never_stale(method, inputs):
+    model = adapted("llama", method)
+    model.eval()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        first = model_output(model, inputs)
+        cached = layer._eval_cache[1]
+        assert torch.equal(model_output(model, inputs), first)
+        assert layer._eval_cache[1] is cached  # reused, not rebuilt
+        # an in-place change of the factors (as load_state_dict does) must invalidate it
+        state = {k: v * 1.5 for k, v in model.state_dict().items() if "_lora_" in k and v.is_floating_point()}
+        model.load_state_dict(state, strict=False)
+        changed = model_output(model, inputs)
+    assert layer._eval_cache[1] is not cached
+    model.train()
+    with torch.no_grad():
+        reference = model_output(model, inputs)  # no cache in training mode
+    assert torch.equal(changed, reference)
+    assert layer._eval_cache is None
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_memory_efficient_and_plain_autograd_paths_agree(method, inputs):
+    grads = []
+    for efficient in (True, False):
+        model = adapted("llama", method, memory_efficient=efficient)
+        model.train()
+        model(inputs, labels=inputs).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_dropout_path_equals_base_plus_dropped_update(method, inputs):
+    model = adapted("llama", method, lora_dropout=0.3)
+    model.train()
+    torch.manual_seed(0)
+    loss = model(inputs, labels=inputs).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    model.eval()
+    no_dropout = adapted("llama", method)
+    with torch.no_grad():  # in eval, dropout is off: identical to the adapter without dropout
+        torch.testing.assert_close(model_output(model, inputs), model_output(no_dropout, inputs))
+
+
+# ----------------------------------------------------------------------------- autocast, checkpointing, compile
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_bf16_autocast_training_step(method, inputs):
+    model = adapted("llama", method)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(inputs, labels=inputs).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_gradient_checkpointing_gives_the_same_gradients(method, inputs):
+    grads = []
+    for checkpointing in (False, True):
+        model = adapted("llama", method)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(inputs, labels=inputs).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_torch_compile_matches_eager(method, inputs):
+    model = adapted("llama", method)
+    model.train()
+    eager_loss = model(inputs, labels=inputs).loss
+    eager_loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    compiled = torch.compile(model)
+    loss = compiled(inputs, labels=inputs).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dual_init_std_default_and_options():
+    def stds(**kw):
+        model = get_peft_model(tiny_llama(), DualLoraConfig(r=8, target_modules=["up_proj"], **kw))
+        layer = model.base_model.model.model.layers[0].mlp.up_proj  # in = 32, r1 = r2 = 4
+        return {n: float(getattr(layer, n)["default"].std()) for n in layer.adapter_layer_names}
+
+    default = stds()
+    assert all(abs(s - 0.25 / math.sqrt(32)) < 0.15 * 0.25 / math.sqrt(32) for s in default.values())
+    fan_in = stds(init_std="fan_in")
+    assert abs(fan_in["dual_lora_B"] - 0.5) < 0.1 and abs(fan_in["dual_lora_A"] - 32 ** -0.5) < 0.03
+    assert all(abs(s - 0.07) < 0.01 for s in stds(init_std=0.07).values())
+
+
+# ----------------------------------------------------------------------------- layer-level golden values
+def _single_layer_model(kind):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(3)
+    layer = Conv1D(6, 5) if kind == "conv1d" else torch.nn.Linear(5, 6)
+    if kind == "conv1d":
+        torch.nn.init.normal_(layer.weight, std=0.3)
+        torch.nn.init.normal_(layer.bias, std=0.3)
+    return torch.nn.Sequential(layer)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dual_layer_output_golden_against_independent_formula(kind):
+    from test_functional import reference_dual_linear
+
+    model = get_peft_model(_single_layer_model(kind),
+                           DualLoraConfig(r=5, r1=2, lora_alpha=3, warmup_steps=4, target_modules=["0"]))
+    set_warmup_step(model, 1)  # lam = 1/4
+    layer = model.base_model.model[0]
+    w0 = layer.base_layer.weight.detach()
+    w0 = w0.t() if kind == "conv1d" else w0
+    x = torch.randn(2, 3, 5)
+    A, B, C, D = (p.detach() for p in layer.factors("default"))
+    coef = 0.25 * 3 / math.sqrt(2 * 3)
+    expected = reference_dual_linear(x, w0, layer.base_layer.bias.detach(), A, B, C, D, coef, "relu", "sign", "clip")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_d2_layer_output_golden_against_independent_formula(kind):
+    from test_functional import reference_d2_linear
+
+    model = trained_like(get_peft_model(_single_layer_model(kind),
+                                        D2LoraConfig(r=3, lora_alpha=6, tau=0.7, target_modules=["0"])))
+    layer = model.base_model.model[0]
+    w0 = layer.base_layer.weight.detach()
+    w0 = w0.t() if kind == "conv1d" else w0
+    x = torch.randn(2, 3, 5)
+    expected = reference_d2_linear(x, w0, layer.base_layer.bias.detach(),
+                                   *(p.detach() for p in layer.factors("default")), 2.0, 0.7, "out", False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_bfloat16_base_model_trains(method, inputs):
+    model = adapted("llama", method)
+    model.to(torch.bfloat16)
+    model.train()
+    model(inputs, labels=inputs).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g.float()).all() for g in grads)
