@@ -436,3 +436,75 @@ def test_bfloat16_base_model_trains(method, inputs):
     model(inputs, labels=inputs).loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g.float()).all() for g in grads)
+
+
+# ----------------------------------------------------------------------------- memory, unload, new process
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_memory_efficient_path_saves_no_out_by_in_matrix(method):
+    """What autograd keeps for backward: the fused path holds x and the factors, never an (out, in) matrix."""
+    def saved_full_matrices(efficient):
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(48, 40)),
+                               METHODS[method](r=4, target_modules=["0"], memory_efficient=efficient))
+        params = {p.data_ptr() for p in model.parameters()}
+        full = []
+
+        def pack(t):
+            if t.dim() == 2 and tuple(t.shape) in ((40, 48), (48, 40)) and t.data_ptr() not in params:
+                full.append(t.shape)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randn(3, 48)).sum().backward()
+        return len(full)
+
+    assert saved_full_matrices(True) == 0
+    assert saved_full_matrices(False) >= 2
+
+
+def test_unload_returns_the_base_model_unchanged(inputs):
+    base = tiny_llama()
+    with torch.no_grad():
+        expected = model_output(base, inputs)
+    model = trained_like(get_peft_model(base, DualLoraConfig(r=4, target_modules="all-linear", warmup_steps=0)))
+    plain = model.unload()
+    assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.equal(model_output(plain, inputs), expected)
+
+
+def test_peft_version_guard(monkeypatch):
+    import peft
+
+    from duallora._peft import check_peft_version
+
+    monkeypatch.setattr(peft, "__version__", "0.17.1")
+    with pytest.raises(ImportError, match=r"duallora needs peft >= 0.21.0, found peft 0.17.1.*pip install"):
+        check_peft_version()
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_saved_adapter_loads_in_a_new_process(method, tmp_path, inputs):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = adapted("llama", method)
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        torch.save(model_output(model, inputs), tmp_path / "expected.pt")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import duallora
+from conftest import tiny_llama
+from peft import PeftModel
+model = PeftModel.from_pretrained(tiny_llama(), {str(tmp_path / 'adapter')!r})
+with torch.no_grad():
+    out = model(torch.load({str(tmp_path / 'inputs.pt')!r})).logits
+assert torch.equal(out, torch.load({str(tmp_path / 'expected.pt')!r}))
+print("same outputs", type(model.peft_config["default"]).__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "same outputs" in result.stdout
