@@ -51,3 +51,111 @@ def model_output(model, inputs) -> torch.Tensor:
 @pytest.fixture
 def inputs() -> torch.Tensor:
     return torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------- tiny checkpoints and data on disk
+WORDS = ["good", "bad", "movie", "plot", "actor", "great", "awful", "the", "a", "was", "is", "and", "very", "not",
+         "yes", "no", "restaurant", "cheap", "food", "area", "name", "city", "centre", "coffee", "shop"]
+
+
+def _tiny_tokenizer(directory):
+    from transformers import BertTokenizer
+
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":", ",", ".", "?", "(", ")"] + WORDS))
+    return BertTokenizer(str(vocab))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """A tiny BERT and a tiny LLaMA saved as local checkpoints with a small WordPiece tokenizer."""
+    from transformers import BertModel
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    paths = {}
+    for name in ("bert", "llama"):
+        directory = root / name
+        directory.mkdir()
+        tokenizer = _tiny_tokenizer(directory)
+        torch.manual_seed(0)
+        if name == "bert":
+            model = BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=64, max_position_embeddings=128))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                                 max_position_embeddings=256, pad_token_id=0))
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        paths[name] = directory
+    return paths
+
+
+def sentiment_rows(n=240, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        words = [rng.choice(WORDS[7:14]) for _ in range(5)] + [rng.choice(["good", "great"] if label == "pos"
+                                                                          else ["bad", "awful"])]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "other": rng.choice(WORDS), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory):
+    import csv
+
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "other", "label"])
+        writer.writeheader()
+        writer.writerows(sentiment_rows())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bigbench(tmp_path_factory):
+    """A small stand-in for the BIG-bench archive, with the five task files in their real layout and format."""
+    import io
+    import json
+    import random
+    import tarfile
+
+    from duallora.tasks.bigbench import BIGBENCH_TASKS, MEMBER_ROOT
+
+    rng = random.Random(0)
+    sentiments = ["negative", "positive", "neutral", "ambivalent"]
+    tasks = {
+        "sentiment": [{"input": " ".join(rng.choices(WORDS, k=6)),
+                       "target_scores": {s: int(s == sentiments[i % 4]) for s in sentiments}} for i in range(60)],
+        "fact-verification": [{"input": f"Film: the movie was good .\nClaim: the movie was {rng.choice(WORDS)} .",
+                               "target_scores": {v: int(v == ["True", "False", "Neither"][i % 3])
+                                                 for v in ["True", "False", "Neither"]}} for i in range(60)],
+        "social-iqa": [{"input": "the actor was very good . what is the actor ? ",
+                        "target_scores": {"good": int(i % 3 == 0), ("bad" if i % 2 else "not good"): int(i % 3 == 1),
+                                          "awful": int(i % 3 == 2)}} for i in range(60)],
+        "strategyqa": [{"input": f"is the {rng.choice(WORDS)} good ?", "target_scores": {"Yes": i % 2, "No": 1 - i % 2},
+                        "target": "yes ."} for i in range(60)],
+        "e2e-nlg": [{"input": f"name: {rng.choice(WORDS)} , area: city centre",
+                     "target": f"a {rng.choice(WORDS)} coffee shop in the city centre ."} for _ in range(80)],
+    }
+    path = tmp_path_factory.mktemp("bigbench") / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, examples in tasks.items():
+            data = json.dumps({"name": name, "examples": examples}).encode()
+            info = tarfile.TarInfo(MEMBER_ROOT + BIGBENCH_TASKS[name] + "/task.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def bigbench_env(tiny_bigbench, tmp_path, monkeypatch):
+    """Point the task loader at the tiny archive and a fresh cache."""
+    monkeypatch.setenv("DUALLORA_BIGBENCH_ARCHIVE", str(tiny_bigbench))
+    monkeypatch.setenv("DUALLORA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -66,3 +66,43 @@ def model_path(name: str) -> Path:
     if name == "smollm2":
         return smollm2_path()
     raise ValueError(f"Unknown embedded model {name!r}; valid names: {list(MODEL_NAMES)}, or pass a local directory.")
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A short name, a local directory, or (online only) a hub id, as something ``from_pretrained`` takes."""
+    if name_or_path in MODEL_NAMES:
+        return model_path(name_or_path)
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(
+            f"Unknown model {name_or_path!r}: not one of {list(MODEL_NAMES)} and not a local directory, and the hub "
+            "is offline (HF_HUB_OFFLINE=1). Pass a local directory with a transformers checkpoint."
+        )
+    return Path(name_or_path)  # a hub id: from_pretrained downloads it
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one; padding is masked anyway
+    return tokenizer
+
+
+def load_model(path: Path, kind: str, num_labels: int | None, tokenizer):
+    """The right head for the task kind: sequence classification, or a causal LM for choices and generation."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        if kind == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool at the last non-pad token
+            return model
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "is_decoder", False) is False and config.model_type in ("bert", "roberta", "deberta-v2"):
+            raise ValueError(f"{kind} tasks need a causal language model (e.g. --model smollm2); {path} is an encoder.")
+        return AutoModelForCausalLM.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(f"Could not load model {str(path)!r}: {err}. Pass {list(MODEL_NAMES)} or a local directory.") from err

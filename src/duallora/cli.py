@@ -1,0 +1,225 @@
+"""The ``duallora`` command: argument parsing only; each subcommand calls one library function.
+
+With no arguments it runs the embedded default: Dual LoRA against LoRA at the same parameter count on MiniLM +
+``sentiment`` (see ``DEFAULT_COMPARE``). Options may come from a YAML/JSON file (``--config``); flags on the
+command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+from .train import METHODS, RunConfig
+
+# The embedded default compare: about 10 minutes on 2 cores (see the README for what it measured).
+DEFAULT_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0", "--model", "minilm", "--task", "sentiment",
+                   "--output-dir", "runs/default-compare", "--max-steps", "400", "--batch-size", "16",
+                   "--max-length", "64", "--eval-every", "200", "--max-eval-examples", "1000"]
+
+HELP = {
+    "method": f"fine-tuning method: one of {list(METHODS)}",
+    "model": "'minilm', 'smollm2', a local checkpoint directory, or a hub id (online)",
+    "task": "'sentiment', 'fact-verification', 'social-iqa', 'strategyqa', 'e2e-nlg', or a .csv/.json/.jsonl file",
+    "output_dir": "where the run writes its adapter, metrics.json, plot and checkpoints",
+    "r": "rank budget (Dual LoRA: r1 + r2; compare runs D2-LoRA at r/2 to match LoRA's parameters)",
+    "alpha": "lora_alpha (default 2 r)", "lr": "peak learning rate (default: 5e-5 for full, 1e-3 for adapters)",
+    "epochs": "passes over the training set (ignored with --max-steps)", "max_steps": "optimizer steps to take",
+    "batch_size": "examples per micro-batch (per process)", "grad_accum": "micro-batches per optimizer step",
+    "max_length": "tokens per example (longer inputs are truncated)", "seed": "random seed of init and data order",
+    "bf16": "bfloat16 autocast", "gradient_checkpointing": "recompute activations in backward to save memory",
+    "eval_every": "evaluate on the validation split every N steps", "save_every": "checkpoint every N steps",
+    "lr_warmup_ratio": "fraction of steps of linear learning-rate warm-up", "weight_decay": "AdamW weight decay",
+    "target_modules": "modules to adapt: 'all-linear' or a comma-free regex", "dropout": "lora_dropout",
+    "max_train_examples": "use at most N training examples", "max_eval_examples": "score at most N examples",
+    "text_column": "data file: the text column", "text_pair_column": "data file: a second text column (pairs)",
+    "label_column": "data file: the label column",
+    "r1": "Dual LoRA: magnitude rank", "r2": "Dual LoRA: direction rank",
+    "warmup_steps": "Dual LoRA: optimizer steps of the dW warm-up (0: off)",
+    "ste": "Dual LoRA: 'clip', 'identity' or 'hardtanh'",
+    "magnitude_activation": "Dual LoRA: 'relu', 'tanh', 'sigmoid', 'identity'",
+    "direction_activation": "Dual LoRA: 'sign', 'tanh', 'identity'", "init_std": "Dual LoRA: Gaussian init std",
+    "tau": "D2-LoRA: weight of the negative branch", "norm_axis": "D2-LoRA: 'out' or 'in'",
+    "detach_norm": "D2-LoRA: no gradient through the norm",
+}
+
+
+def _field_type(annotation: str):
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if name in annotation:
+            return kind
+    return str
+
+
+def add_run_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per RunConfig field; unset flags stay absent so that a config file can fill them."""
+    for f in fields(RunConfig):
+        if f.name in exclude:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(str(f.type))
+        default_note = f" (default: {f.default})" if f.default is not None else ""
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=HELP.get(f.name, "") + default_note)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=HELP.get(f.name, "") + default_note)
+    parser.add_argument("--config", help="YAML or JSON file of options (flags on the command line win)")
+
+
+def read_config_file(path: str | None) -> dict:
+    if not path:
+        return {}
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values.")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def run_config(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> RunConfig:
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func") + drop}
+    file_values = {k: v for k, v in read_config_file(args.config).items() if k not in drop}
+    return RunConfig.from_dict({**file_values, **given})
+
+
+def cmd_train(args) -> None:
+    from .train import train
+
+    train(run_config(args, drop=("resume", "overwrite")), resume=args.resume, overwrite=args.overwrite)
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate
+    from .train import load_trained
+
+    model, tokenizer, task, cfg = load_trained(args.adapter, task=args.task)
+    examples = task.split(args.split)[: args.max_examples]
+    scores = {"unmerged": evaluate(model, tokenizer, task, examples, cfg.max_length)}
+    if args.merged and cfg.method != "full":
+        scores["merged"] = evaluate(model.merge_and_unload(), tokenizer, task, examples, cfg.max_length)
+    print(f"{args.adapter}: {cfg.method} on {cfg.model} / {task.name}, {args.split} split, {len(examples)} examples")
+    for name, values in scores.items():
+        print(f"  {name:9s} " + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float)))
+    print(json.dumps(scores, default=str))
+
+
+def cmd_compare(args) -> None:
+    from .compare import compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown} in --methods; valid: {list(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base = run_config(args, drop=("methods", "seeds"))
+    results = compare(base, methods, seeds)
+    from .compare import markdown_table
+
+    print("\n" + markdown_table(results))
+    print(f"Results: {Path(base.output_dir) / 'results.json'}, table results.md, plot results.png")
+
+
+def cmd_merge(args) -> None:
+    from .train import load_trained
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it.")
+    model, tokenizer, _, cfg = load_trained(args.adapter)
+    plain = model if cfg.method == "full" else model.merge_and_unload(safe_merge=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)  # atomic: a failed merge never leaves a half checkpoint at --output
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"Merged {cfg.method} adapter into {type(plain).__name__}; saved to {out} (loads without duallora).")
+
+
+def cmd_inspect(args) -> None:
+    from .inspect import inspect_run, markdown
+
+    rows = inspect_run(args.adapter, args.output_dir)
+    print(markdown(rows))
+    print(f"Written: inspect.json, inspect.md, inspect.png in {args.output_dir or args.adapter}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duallora", description="Fine-tune with Dual LoRA, D2-LoRA, LoRA, DoRA "
+                                     "or fully; with no arguments, compare Dual LoRA with LoRA on the embedded default.")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("train", help="fine-tune one method and evaluate it")
+    add_run_options(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a saved run (and its merged model)")
+    p.add_argument("--adapter", required=True, help="output directory of `duallora train`")
+    p.add_argument("--task", help="another task to score on (default: the run's own)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--max-examples", type=int, default=None, help="score at most N examples")
+    p.add_argument("--merged", action="store_true", help="also score the merged model and report both")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="every method x seed on the same budget; table and plot")
+    p.add_argument("--methods", default="dual,lora", help=f"comma-separated, from {list(METHODS)}")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    add_run_options(p, exclude=("method", "seed"))
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("merge", help="write a plain transformers checkpoint with the adapter merged in")
+    p.add_argument("--adapter", required=True, help="output directory of `duallora train`")
+    p.add_argument("--output", required=True, help="directory for the merged checkpoint and tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("inspect", help="rank analysis of a trained adapter: table and plot")
+    p.add_argument("--adapter", required=True, help="output directory of `duallora train`")
+    p.add_argument("--output-dir", help="where to write inspect.{json,md,png} (default: the run directory)")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print("duallora: no arguments, running the embedded default:\n  duallora " + " ".join(DEFAULT_COMPARE),
+              file=sys.stderr)
+        argv = DEFAULT_COMPARE
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 2
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, TypeError, ModuleNotFoundError) as err:
+        if os.environ.get("DUALLORA_DEBUG"):
+            raise  # the full traceback, for bug reports
+        print(f"duallora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

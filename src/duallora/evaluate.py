@@ -1,0 +1,88 @@
+"""Scoring a model on a split: accuracy for classification, log-likelihood choice accuracy for multiple choice
+with a causal LM, BLEU and ROUGE-L (sacrebleu, rouge-score) for generation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX, collate, encode_for_training, encode_prompt_and_answer, prompt
+from .tasks import Example, Task
+
+PRIMARY_METRIC = {"classification": "accuracy", "multiple_choice": "accuracy", "generation": "bleu"}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task: Task, examples: list[Example], max_length: int = 128,
+             batch_size: int = 32, max_new_tokens: int = 48) -> dict[str, float]:
+    """Scores of ``model`` on ``examples``; the model is put in eval mode and left there."""
+    model.eval()
+    if task.kind == "classification":
+        return {"accuracy": _classification_accuracy(model, tokenizer, task, examples, max_length, batch_size)}
+    if task.kind == "multiple_choice":
+        return {"accuracy": _choice_accuracy(model, tokenizer, task, examples, max_length, batch_size)}
+    return _generation_scores(model, tokenizer, task, examples, max_length, batch_size, max_new_tokens)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _classification_accuracy(model, tokenizer, task, examples, max_length, batch_size) -> float:
+    correct = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        batch = collate([encode_for_training(task, tokenizer, e, max_length) for e in chunk], tokenizer.pad_token_id)
+        labels = batch.pop("labels")
+        logits = model(**{k: v.to(_device(model)) for k, v in batch.items()}).logits
+        correct += (logits.argmax(-1).cpu() == labels).sum().item()
+    return correct / max(1, len(examples))
+
+
+def choice_log_likelihoods(model, tokenizer, prompt_text: str, choices: list[str], max_length: int) -> torch.Tensor:
+    """Sum of log p(choice tokens | prompt) for each choice (BIG-bench's multiple-choice score)."""
+    features = [encode_prompt_and_answer(tokenizer, prompt_text, " " + c, max_length) for c in choices]
+    batch = collate(features, tokenizer.pad_token_id)
+    labels = batch.pop("labels").to(_device(model))
+    logits = model(**{k: v.to(_device(model)) for k, v in batch.items()}).logits.float()
+    logp = F.log_softmax(logits[:, :-1], dim=-1)  # token t predicts token t + 1
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1).cpu()
+
+
+def _choice_accuracy(model, tokenizer, task, examples, max_length, batch_size) -> float:
+    correct = 0
+    for e in examples:
+        scores = choice_log_likelihoods(model, tokenizer, prompt(task, e), e.choices, max_length)
+        correct += int(scores.argmax().item() == e.label)
+    return correct / max(1, len(examples))
+
+
+def _generation_scores(model, tokenizer, task, examples, max_length, batch_size, max_new_tokens) -> dict:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    hypotheses = []
+    tokenizer.padding_side = "left"  # generation continues from the last prompt token
+    try:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            enc = tokenizer([prompt(task, e) for e in chunk], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length).to(_device(model))
+            enc = {k: enc[k] for k in ("input_ids", "attention_mask")}  # causal LMs take no token_type_ids
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            hypotheses += [t.strip().split("\n")[0] for t in texts]
+    finally:
+        tokenizer.padding_side = "right"
+    n_refs = max(len(e.references) for e in examples)
+    # sacrebleu takes one stream per reference index; a shorter list repeats its first reference
+    streams = [[e.references[k] if k < len(e.references) else e.references[0] for e in examples] for k in range(n_refs)]
+    bleu = sacrebleu.corpus_bleu(hypotheses, streams).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge_l = sum(max(scorer.score(ref, hyp)["rougeL"].fmeasure for ref in e.references)
+                  for hyp, e in zip(hypotheses, examples)) / len(examples)
+    return {"bleu": bleu, "rougeL": 100 * rouge_l, "samples": hypotheses[:3]}

@@ -1,0 +1,113 @@
+"""Rank analysis of a trained adapter (the papers' rank figure): per adapted layer, the numerical rank of dW and,
+for Dual LoRA, of its magnitude and direction parts, against LoRA's bound r; the fraction of entries that ReLU
+switches off; the norms of dW and W0."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .dual import DualLoraLayer
+from .functional import direction, magnitude
+from .layer import AdaptedLayer
+
+
+def numerical_rank(matrix: torch.Tensor) -> int:
+    """Singular values above ``max(shape) * eps * s_max`` (the rule of ``torch.linalg.matrix_rank``)."""
+    return int(torch.linalg.matrix_rank(matrix.double()).item())
+
+
+@torch.no_grad()
+def layer_report(name: str, layer: AdaptedLayer, adapter: str) -> dict:
+    dw = layer.get_delta_weight(adapter)
+    w0 = layer.base_weight().float()
+    row = {"layer": name, "shape": list(dw.shape), "rank_dW": numerical_rank(dw), "norm_dW": dw.norm().item(),
+           "norm_W0": w0.norm().item(), "relative_norm": (dw.norm() / w0.norm()).item()}
+    if isinstance(layer, DualLoraLayer):
+        opts = layer.dual_options[adapter]
+        A, B, C, D = (t.float() for t in layer.factors(adapter))
+        p = B @ A
+        row.update(lora_bound=opts.r1 + opts.r2, r1=opts.r1, r2=opts.r2,
+                   rank_magnitude=numerical_rank(magnitude(p, opts.magnitude_activation)),
+                   rank_direction=numerical_rank(direction(D @ C, opts.direction_activation)),
+                   relu_off_fraction=(p <= 0).float().mean().item(), warmup_step=int(layer.dual_lora_step[adapter]))
+    else:
+        row["lora_bound"] = 2 * layer.d2_lora_A_pos[adapter].shape[1]
+    return row
+
+
+def inspect_model(model, adapter: str = "default") -> list[dict]:
+    return [layer_report(name, m, adapter) for name, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+
+
+def inspect_lora(model, adapter: str = "default") -> list[dict]:
+    """The same report for a peft LoRA/DoRA model (rank of B A, bounded by r), for comparison."""
+    from peft.tuners.lora import LoraLayer
+
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer) and adapter in m.lora_A:
+            with torch.no_grad():
+                dw = m.get_delta_weight(adapter).float()
+                w0 = m.get_base_layer().weight.float()
+            rows.append({"layer": name, "shape": list(dw.shape), "rank_dW": numerical_rank(dw),
+                         "norm_dW": dw.norm().item(), "norm_W0": w0.norm().item(),
+                         "relative_norm": (dw.norm() / w0.norm()).item(), "lora_bound": m.r[adapter]})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    dual = "rank_magnitude" in rows[0]
+    head = "| layer | shape | rank dW | LoRA bound r |" + (" rank ReLU(BA) | rank Sign(DC) | ReLU off |" if dual else "")
+    head += " norm dW / norm W0 |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        line = f"| {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['rank_dW']} | {r['lora_bound']} |"
+        if dual:
+            line += f" {r['rank_magnitude']} | {r['rank_direction']} | {r['relu_off_fraction']:.2f} |"
+        lines.append(line + f" {r['relative_norm']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Numerical rank per layer against LoRA's bound, like the paper's rank figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows) + 3), 4))
+    ax.plot(x, [r["rank_dW"] for r in rows], "o-", label="rank of dW")
+    if "rank_magnitude" in rows[0]:
+        ax.plot(x, [r["rank_magnitude"] for r in rows], "s--", label="rank of ReLU(BA)", alpha=0.7)
+        ax.plot(x, [r["rank_direction"] for r in rows], "^--", label="rank of Sign(DC)", alpha=0.7)
+    ax.plot(x, [r["lora_bound"] for r in rows], "k:", label="LoRA's bound (r)")
+    ax.plot(x, [min(r["shape"]) for r in rows], color="gray", linewidth=0.8, label="full rank min(out, in)")
+    ax.set_yscale("log")
+    ax.set_xlabel("adapted layer (model order)")
+    ax.set_ylabel("numerical rank")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def inspect_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[dict]:
+    """Load a trained run, write ``inspect.json``, ``inspect.md`` and ``inspect.png`` next to it (or to
+    ``output_dir``), and return the rows."""
+    from .train import load_trained
+
+    model, _, _, cfg = load_trained(run_dir)
+    if cfg.method == "full":
+        raise ValueError(f"{run_dir} is a full fine-tuning run: there is no adapter to inspect.")
+    rows = inspect_model(model) or inspect_lora(model)
+    out = Path(output_dir or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inspect.json").write_text(json.dumps(rows, indent=1))
+    (out / "inspect.md").write_text(markdown(rows))
+    plot(rows, out / "inspect.png", f"{cfg.method} r={cfg.r} on {cfg.model} / {cfg.task}")
+    return rows

@@ -1,0 +1,121 @@
+"""The five offline tasks, read out of the BIG-bench source archive on PyPI (``bigbench==1.0.0``).
+
+On first use the archive (358 MB) is fetched with ``pip download --no-deps`` (pip's own progress bar), the five
+``task.json`` files are extracted into the user cache dir, and the archive is deleted. The package is never
+installed or imported. Each task's data keeps its source's licence: it is fetched at run time, not shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from ..models import cache_dir
+from . import Example, Task, deterministic_split
+
+ARCHIVE_REQUIREMENT = "bigbench==1.0.0"
+MEMBER_ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+BIGBENCH_TASKS = {
+    "sentiment": "multiemo/all_sentence_en",
+    "fact-verification": "vitaminc_fact_verification",
+    "social-iqa": "social_iqa",
+    "strategyqa": "strategyqa",
+    "e2e-nlg": "gem/e2e_nlg",
+}
+SENTIMENT_LABELS = ["negative", "positive", "neutral", "ambivalent"]
+VERDICT_LABELS = ["True", "False", "Neither"]
+
+
+def task_file(name: str) -> Path:
+    return cache_dir() / "bigbench" / BIGBENCH_TASKS[name] / "task.json"
+
+
+def ensure_task_files() -> None:
+    """Fetch the archive once and extract every task file we use (a no-op when all are cached)."""
+    if all(task_file(name).exists() for name in BIGBENCH_TASKS):
+        return
+    archive = os.environ.get("DUALLORA_BIGBENCH_ARCHIVE")  # a local copy, e.g. for offline machines and tests
+    if archive:
+        extract_task_files(Path(archive))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"Fetching the BIG-bench task data ({ARCHIVE_REQUIREMENT} from PyPI, 358 MB, once) ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp,
+               ARCHIVE_REQUIREMENT]
+        result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        archives = list(Path(tmp).glob("bigbench-*.tar.gz"))
+        if result.returncode != 0 or not archives:
+            raise RuntimeError(
+                f"Could not download {ARCHIVE_REQUIREMENT} from PyPI ({result.stderr.strip()[-300:]}). Download it "
+                "elsewhere and set DUALLORA_BIGBENCH_ARCHIVE=/path/to/bigbench-1.0.0.tar.gz, or pass a local data file."
+            )
+        extract_task_files(archives[0])
+
+
+def extract_task_files(archive: Path) -> None:
+    """Copy the task files out of the archive, each written atomically (a crash leaves no half file)."""
+    wanted = {MEMBER_ROOT + path + "/task.json": name for name, path in BIGBENCH_TASKS.items()}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            name = wanted.get(member.name)
+            if name is None:
+                continue
+            target = task_file(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+            with os.fdopen(fd, "wb") as out:
+                out.write(tar.extractfile(member).read())
+            os.replace(tmp, target)
+    missing = [name for name in BIGBENCH_TASKS if not task_file(name).exists()]
+    if missing:
+        raise RuntimeError(f"{archive} lacks the task files of {missing}; is it {ARCHIVE_REQUIREMENT}?")
+
+
+def _best(target_scores: dict) -> str:
+    return max(target_scores, key=target_scores.get)
+
+
+def parse_task(name: str, raw: dict) -> Task:
+    """Turn a BIG-bench task.json into a :class:`Task` with deterministic splits."""
+    examples = raw["examples"]
+    if name == "sentiment":
+        items = [Example(e["input"], label=SENTIMENT_LABELS.index(_best(e["target_scores"]))) for e in examples]
+        return Task(name, "classification", *deterministic_split(items), label_names=SENTIMENT_LABELS)
+    if name == "fact-verification":
+        items = []
+        for e in examples:
+            evidence, _, claim = e["input"].rpartition("\nClaim: ")
+            items.append(Example(claim, text_pair=evidence, label=VERDICT_LABELS.index(_best(e["target_scores"]))))
+        return Task(name, "classification", *deterministic_split(items), label_names=VERDICT_LABELS)
+    if name in ("social-iqa", "strategyqa"):
+        items = []
+        for e in examples:
+            choices = list(e["target_scores"])
+            items.append(Example(e["input"].strip(), choices=choices, label=choices.index(_best(e["target_scores"]))))
+        template = "Question: {text}\nAnswer:" if name == "social-iqa" else "Question: {text}\nAnswer (Yes or No):"
+        return Task(name, "multiple_choice", *deterministic_split(items), instruction=template)
+    if name == "e2e-nlg":
+        items = [Example(e["input"], references=[e["target"]]) for e in examples]
+        train, validation, test = deterministic_split(items, groups=[e["input"] for e in examples])
+        template = "Describe the restaurant with these attributes: {text}\nDescription:"
+        return Task(name, "generation", train, _merge_references(validation), _merge_references(test),
+                    instruction=template)
+    raise ValueError(f"Unknown BIG-bench task {name!r}; valid: {sorted(BIGBENCH_TASKS)}")
+
+
+def _merge_references(examples: list[Example]) -> list[Example]:
+    """One evaluation example per input, with every reference text of that input."""
+    merged: dict[str, Example] = {}
+    for e in examples:
+        merged.setdefault(e.text, Example(e.text, references=[])).references.extend(e.references)
+    return list(merged.values())
+
+
+def load_bigbench_task(name: str) -> Task:
+    ensure_task_files()
+    return parse_task(name, json.loads(task_file(name).read_text(encoding="utf-8")))

@@ -1,0 +1,180 @@
+"""The command line end to end on tiny local checkpoints and generated data, in temporary directories."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from duallora.cli import main
+from duallora.train import RunConfig, train
+
+
+def run_args(tiny_checkpoints, tiny_csv, out, *extra, model="bert"):
+    return ["--model", str(tiny_checkpoints[model]), "--task", str(tiny_csv), "--text-column", "text",
+            "--label-column", "label", "--output-dir", str(out), "--max-length", "16", "--batch-size", "8",
+            "--lr", "5e-3", "--max-eval-examples", "24", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_checkpoints, tiny_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "dual"
+    assert main(["train", "--method", "dual", "--max-steps", "12", "--eval-every", "6", "--warmup-steps", "3",
+                 *run_args(tiny_checkpoints, tiny_csv, out)]) == 0
+    return out
+
+
+def test_train_writes_adapter_metrics_and_plot(trained_run, tiny_checkpoints):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "run_config.json", "training.png"):
+        assert (trained_run / name).exists(), name
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["steps"] == 12 and len(metrics["losses"]) == 12
+    assert [e["step"] for e in metrics["evaluations"]] == [6, 12]
+    assert metrics["trainable_params"] > 0 and metrics["peak_memory_mib"] > 0
+    assert metrics["environment"]["peft"] and metrics["config"]["method"] == "dual"
+    assert 0 <= metrics["test"]["accuracy"] <= 1
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoints["bert"], num_labels=2)
+    loaded = PeftModel.from_pretrained(base, trained_run)  # plain PEFT format
+    assert int(loaded.base_model.model.bert.encoder.layer[0].attention.self.query.dual_lora_step["default"]) == 12
+
+
+def test_eval_reports_unmerged_and_merged(trained_run, capsys):
+    assert main(["eval", "--adapter", str(trained_run), "--merged"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["merged"]["accuracy"] == pytest.approx(scores["unmerged"]["accuracy"])
+
+
+def test_merged_checkpoint_loads_without_duallora(trained_run, tmp_path):
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(trained_run), "--output", str(merged)]) == 0
+    from duallora.train import load_trained
+
+    model, tokenizer, task, _ = load_trained(trained_run)
+    batch = tokenizer(["good movie", "awful plot"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained({str(merged)!r}).eval()
+with torch.no_grad():
+    out = model(**torch.load({str(tmp_path / 'batch.pt')!r})).logits
+assert "duallora" not in sys.modules and "peft" not in sys.modules
+torch.save(out, {str(tmp_path / 'out.pt')!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (torch.load(tmp_path / "out.pt") - expected).abs().max() <= 1e-5
+
+
+def test_inspect_shows_full_rank_updates(trained_run, tmp_path):
+    assert main(["inspect", "--adapter", str(trained_run), "--output-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "inspect.json").read_text())
+    assert rows and (tmp_path / "inspect.png").exists() and (tmp_path / "inspect.md").exists()
+    for row in rows:
+        assert row["rank_dW"] > row["lora_bound"]  # the update's rank is not bounded by r
+        assert 0 < row["relu_off_fraction"] < 1 and row["warmup_step"] == 12
+
+
+def test_compare_two_methods_writes_table_and_plot_and_keeps_finished_runs(tiny_checkpoints, tiny_csv, tmp_path,
+                                                                           capsys):
+    args = ["compare", "--methods", "dual,lora", "--seeds", "0", "--max-steps", "4",
+            *run_args(tiny_checkpoints, tiny_csv, tmp_path / "cmp")]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert [r["method"] for r in results["summary"]] == ["dual", "lora"]
+    assert results["summary"][0]["trainable_params"] == results["summary"][1]["trainable_params"]
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert "| dual |" in table and "**" in table and (tmp_path / "cmp" / "results.png").exists()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished earlier, kept") == 2
+
+
+def test_resumed_run_ends_with_the_same_adapter(tiny_checkpoints, tiny_csv, tmp_path):
+    def config(out):
+        values = dict(zip(*[iter(run_args(tiny_checkpoints, tiny_csv, out))] * 2))
+        values = {k.lstrip("-").replace("-", "_"): v for k, v in values.items()}
+        values.update(method="dual", max_steps=8, save_every=3, warmup_steps=4, max_length=16, batch_size=8,
+                      lr=5e-3, max_eval_examples=8)
+        return RunConfig.from_dict(values)
+
+    train(config(tmp_path / "straight"), progress=False)
+
+    def interrupt(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "interrupted"), progress=False, on_step=interrupt)
+    assert (tmp_path / "interrupted" / "checkpoints" / "step-0000003").exists()
+    assert not (tmp_path / "interrupted" / "metrics.json").exists()
+    train(config(tmp_path / "interrupted"), resume=True, progress=False)
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "interrupted" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    losses = [json.loads((tmp_path / d / "metrics.json").read_text())["losses"] for d in ("straight", "interrupted")]
+    assert losses[0] == losses[1]
+
+
+def test_causal_lm_on_choice_and_generation_tasks(tiny_checkpoints, bigbench_env, tmp_path):
+    for task, metric in (("strategyqa", "accuracy"), ("social-iqa", "accuracy"), ("e2e-nlg", "bleu")):
+        out = tmp_path / task
+        assert main(["train", "--method", "d2", "--model", str(tiny_checkpoints["llama"]), "--task", task,
+                     "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--max-length", "48",
+                     "--max-eval-examples", "4"]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metric in metrics["test"] and metrics["task_kind"] != "classification"
+        if task == "e2e-nlg":
+            assert "rougeL" in metrics["test"]
+
+
+def test_encoder_on_yes_no_task_uses_a_classification_head(tiny_checkpoints, bigbench_env, tmp_path):
+    assert main(["train", "--method", "lora", "--model", str(tiny_checkpoints["bert"]), "--task", "strategyqa",
+                 "--output-dir", str(tmp_path / "sqa"), "--max-steps", "2", "--batch-size", "4"]) == 0
+    assert json.loads((tmp_path / "sqa" / "metrics.json").read_text())["task_kind"] == "classification"
+
+
+def test_config_file_with_command_line_winning(tiny_checkpoints, tiny_csv, tmp_path):
+    (tmp_path / "run.yaml").write_text("method: lora\nmax_steps: 2\nr: 4\nbatch_size: 8\n")
+    out = tmp_path / "from-config"
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--r", "2",
+                 *run_args(tiny_checkpoints, tiny_csv, out)]) == 0
+    saved = json.loads((out / "run_config.json").read_text())
+    assert (saved["method"], saved["max_steps"], saved["r"]) == ("lora", 2, 2)
+
+
+def test_bad_input_names_the_problem(tiny_checkpoints, tiny_csv, trained_run, tmp_path, capsys):
+    cases = [
+        (["train", "--method", "qlora"], "Unknown method 'qlora'; valid: ['dual', 'd2', 'lora', 'dora', 'full']"),
+        (["train", "--model", "gpt5", "--output-dir", str(tmp_path / "a")], "Unknown model 'gpt5': not one of "
+                                                                            "['minilm', 'smollm2']"),
+        (["train", "--task", "sst2", "--model", str(tiny_checkpoints["bert"]), "--output-dir", str(tmp_path / "b")],
+         "Valid names: ['e2e-nlg', 'fact-verification', 'sentiment', 'social-iqa', 'strategyqa']"),
+        (["train", "--lr", "-1"], "--lr must be > 0; got -1.0"),
+        (["train", "--batch-size", "0"], "--batch-size must be >= 1; got 0"),
+        (["train", "--ste", "round", *run_args(tiny_checkpoints, tiny_csv, tmp_path / "c")],
+         "`ste` must be one of ['clip', 'identity', 'hardtanh']; got 'round'"),
+        (["train", "--model", str(tiny_checkpoints["bert"]), "--task", str(tiny_csv), "--text-column", "sentence",
+          "--label-column", "label", "--output-dir", str(tmp_path / "d")], "its columns are ['text', 'other', 'label']"),
+        (["train", *run_args(tiny_checkpoints, tiny_csv, trained_run)], "holds an earlier run"),
+        (["compare", "--methods", "dual,vera"], "Unknown method(s) ['vera']"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, (argv, message)
+    assert (trained_run / "metrics.json").exists()  # the earlier run was not touched
+
+
+def test_python_m_duallora_help():
+    result = subprocess.run([sys.executable, "-m", "duallora", "train", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--warmup-steps" in result.stdout and "--resume" in result.stdout

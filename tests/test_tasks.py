@@ -1,0 +1,85 @@
+"""Task loaders on small local files: BIG-bench layout, CSV/JSON/JSONL, deterministic splits."""
+
+import json
+
+import pytest
+from conftest import sentiment_rows
+
+from duallora.tasks import deterministic_split, load_task, Example
+from duallora.tasks.bigbench import BIGBENCH_TASKS
+
+
+def test_every_bigbench_task_loads_from_the_archive_layout(bigbench_env):
+    kinds = {"sentiment": "classification", "fact-verification": "classification", "social-iqa": "multiple_choice",
+             "strategyqa": "multiple_choice", "e2e-nlg": "generation"}
+    for name in BIGBENCH_TASKS:
+        task = load_task(name)
+        assert task.kind == kinds[name]
+        assert task.train and task.validation and task.test
+    assert sorted(p.name for p in (bigbench_env / "bigbench").rglob("task.json")) == ["task.json"] * 5
+    fact = load_task("fact-verification")
+    assert fact.train[0].text_pair.startswith("Film:") and fact.train[0].text.startswith("the movie was")
+    assert load_task("sentiment").label_names == ["negative", "positive", "neutral", "ambivalent"]
+    siqa = load_task("social-iqa").train[0]
+    assert siqa.choices[0] == "good" and len(siqa.choices) == 3 and 0 <= siqa.label < 3
+
+
+def test_e2e_keeps_each_meaning_representation_in_one_split_with_all_references(bigbench_env):
+    task = load_task("e2e-nlg")
+    train_inputs = {e.text for e in task.train}
+    for e in task.validation + task.test:
+        assert e.text not in train_inputs
+    assert len({e.text for e in task.test}) == len(task.test)  # one example per input, references merged
+    assert sum(len(e.references) for e in task.train + task.validation + task.test) == 80
+
+
+def test_splits_are_deterministic_and_disjoint():
+    examples = [Example(f"text {i}", label=i % 2) for i in range(100)]
+    first = deterministic_split(examples)
+    second = deterministic_split(list(examples))
+    assert [[e.text for e in s] for s in first] == [[e.text for e in s] for s in second]
+    texts = [e.text for s in first for e in s]
+    assert sorted(texts) == sorted(e.text for e in examples) and len(set(texts)) == 100
+    assert (len(first[0]), len(first[1]), len(first[2])) == (80, 10, 10)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl"])
+def test_local_files_of_each_format(suffix, tmp_path):
+    rows = sentiment_rows(50)
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    task = load_task(str(path), text_column="text", label_column="label", text_pair_column="other")
+    assert task.kind == "classification" and task.label_names == ["neg", "pos"]
+    assert len(task.train) + len(task.validation) + len(task.test) == 50
+    assert all(e.text_pair for e in task.train)
+
+
+def test_missing_columns_list_the_columns_the_file_has(tiny_csv):
+    with pytest.raises(ValueError, match=r"has no column 'sentence' \(from --text-column\); its columns are "
+                                         r"\['text', 'other', 'label'\]"):
+        load_task(str(tiny_csv), text_column="sentence", label_column="label")
+    with pytest.raises(ValueError, match=r"needs --text-column and --label-column.*\['text', 'other', 'label'\]"):
+        load_task(str(tiny_csv))
+
+
+def test_unknown_task_lists_the_valid_names():
+    with pytest.raises(ValueError, match=r"Unknown task 'sst2'. Valid names: \['e2e-nlg', 'fact-verification', "
+                                         r"'sentiment', 'social-iqa', 'strategyqa'\]"):
+        load_task("sst2")
+
+
+def test_multiple_choice_with_varying_choices_refuses_an_encoder(bigbench_env):
+    with pytest.raises(ValueError, match="needs a causal language model"):
+        load_task("social-iqa").as_classification()
+    yes_no = load_task("strategyqa").as_classification()
+    assert yes_no.kind == "classification" and yes_no.label_names == ["Yes", "No"]
