@@ -178,3 +178,16 @@ def test_python_m_duallora_help():
     result = subprocess.run([sys.executable, "-m", "duallora", "train", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "--warmup-steps" in result.stdout and "--resume" in result.stdout
+
+
+def test_bf16_gradient_checkpointing_and_accumulation(tiny_checkpoints, tiny_csv, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["train", "--method", "dual", "--max-steps", "3", "--grad-accum", "2", "--bf16",
+                 "--gradient-checkpointing", *run_args(tiny_checkpoints, tiny_csv, out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and all(loss == loss for loss in metrics["losses"])  # finite, not NaN
+    from duallora.train import load_trained
+
+    model, *_ = load_trained(out)
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert int(layer.dual_lora_step["default"]) == 3  # one warm-up tick per optimizer step, not per micro-batch

@@ -19,7 +19,7 @@ from pathlib import Path
 from .train import METHODS, RunConfig
 
 # The embedded default compare: about 10 minutes on 2 cores (see the README for what it measured).
-DEFAULT_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0", "--model", "minilm", "--task", "sentiment",
+DEFAULT_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0,1", "--model", "minilm", "--task", "sentiment",
                    "--output-dir", "runs/default-compare", "--max-steps", "400", "--batch-size", "16",
                    "--max-length", "64", "--eval-every", "200", "--max-eval-examples", "1000"]
 
@@ -198,8 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for progress and results: transformers' load reports (a new classification head is
+    expected here) and known deprecation notices of the libraries below are not the user's business."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         print("duallora: no arguments, running the embedded default:\n  duallora " + " ".join(DEFAULT_COMPARE),

@@ -119,8 +119,8 @@ def plot_results(results: dict, path: Path) -> None:
     if rows[0]["majority_baseline"]:
         ax.axhline(rows[0]["majority_baseline"], color="black", linestyle=":", label="majority class")
         ax.legend(loc="lower right")
-    low = min(r["mean"] - r["std"] for r in rows)
-    ax.set_ylim(max(0.0, low - 0.1 * abs(low)), None)
+    low = min([r["mean"] - r["std"] for r in rows] + [rows[0]["majority_baseline"] or float("inf")])
+    ax.set_ylim(max(0.0, low - 0.1 * abs(low)), None)  # zoomed to the scores, the majority line kept in view
     ax.set_ylabel(f"test {rows[0]['metric']}")
     run = results["runs"][0]
     ax.set_title(f"{run['model']} / {run['task']} ({len(results['seeds'])} seed(s))")

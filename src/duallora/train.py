@@ -263,7 +263,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     if resume and (out / "run_config.json").exists():
         saved = json.loads((out / "run_config.json").read_text())
         cfg = RunConfig.from_dict({**saved, "output_dir": cfg.output_dir})
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cfg.bf16 else "no")
+    # bf16 through torch.autocast below rather than accelerate's mixed_precision, which is fixed once per process
+    # (a second in-process run with another setting would be refused)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     model, tokenizer, task = build(cfg)
     train_examples = task.train[: cfg.max_train_examples]
     eval_examples = task.validation[: cfg.max_eval_examples]
@@ -317,6 +319,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         return scores
 
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"{cfg.method}", unit="step",
+               mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
                disable=not (progress and accelerator.is_main_process))
     model.train()
     start = time.perf_counter() - state["train_seconds"]
@@ -329,7 +332,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
             batch = collate([encode_for_training(task, tokenizer, e, cfg.max_length) for e in chunk],
                             tokenizer.pad_token_id)
             with accelerator.accumulate(model):
-                with accelerator.autocast():
+                with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
                 accelerator.backward(loss)
                 optimizer.step()
@@ -341,7 +344,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                 continue
             state["step"] += 1
             state["losses"].append(running_loss)
-            bar.set_postfix(loss=f"{running_loss:.4f}")
+            bar.set_postfix(loss=f"{running_loss:.4f}", refresh=False)  # drawn at the bar's own pace
             bar.update(1)
             running_loss = 0.0
             state["train_seconds"] = time.perf_counter() - start
