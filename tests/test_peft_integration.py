@@ -508,3 +508,20 @@ print("same outputs", type(model.peft_config["default"]).__name__)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "same outputs" in result.stdout
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_bf16_weight_gradient_is_close_to_float32(method, inputs):
+    grads = []
+    for dtype in (None, "bfloat16"):
+        model = adapted("llama", method, weight_grad_dtype=dtype)
+        model.train()
+        model(inputs, labels=inputs).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    relative = (grads[0] - grads[1]).norm() / grads[0].norm()
+    assert 0 < relative < 2e-2  # bf16 precision of G, not a different gradient
+
+
+def test_unknown_weight_grad_dtype_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"`weight_grad_dtype` must be one of \['float32', 'bfloat16', 'float16'\]"):
+        DualLoraConfig(weight_grad_dtype="int8")

@@ -83,3 +83,24 @@ def test_multiple_choice_with_varying_choices_refuses_an_encoder(bigbench_env):
         load_task("social-iqa").as_classification()
     yes_no = load_task("strategyqa").as_classification()
     assert yes_no.kind == "classification" and yes_no.label_names == ["Yes", "No"]
+
+
+@pytest.mark.parametrize("tamper", [False, True])
+def test_archive_download_from_a_package_index_checks_sha256(tiny_bigbench, tmp_path, monkeypatch, tamper):
+    import hashlib
+
+    digest = hashlib.sha256(tiny_bigbench.read_bytes()).hexdigest()
+    if tamper:
+        digest = "0" * 64
+    index = tmp_path / "index" / "bigbench"
+    index.mkdir(parents=True)
+    (index / "index.html").write_text(f'<a href="file://{tiny_bigbench}#sha256={digest}">bigbench-1.0.0.tar.gz</a>')
+    monkeypatch.setenv("PIP_INDEX_URL", f"file://{index.parent}")
+    monkeypatch.setenv("DUALLORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DUALLORA_BIGBENCH_ARCHIVE", raising=False)
+    if tamper:
+        with pytest.raises(RuntimeError, match="does not match the index's sha256"):
+            load_task("strategyqa")
+        assert not list((tmp_path / "cache").rglob("task.json"))
+    else:
+        assert load_task("strategyqa").kind == "multiple_choice"

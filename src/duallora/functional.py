@@ -210,11 +210,14 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype,
+                 matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``G = g^T x`` summed over all tokens, returned in the factors' dtype (float32 under bf16 autocast: the
-    elementwise work after it needs the range)."""
-    x2 = x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
-    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    elementwise work after it needs the range). ``matmul_dtype`` (e.g. bfloat16) runs this one matmul, the
+    largest extra cost over LoRA, in lower precision even in a float32 run."""
+    matmul_dtype = matmul_dtype or grad_out.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(matmul_dtype)
+    g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(matmul_dtype)
     return (g2.t() @ x2).to(dtype)
 
 
@@ -236,21 +239,22 @@ class DualLoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w0, bias, A, B, C, D, coef, with_base, magnitude_activation, direction_activation, ste):
+    def forward(ctx, x, w0, bias, A, B, C, D, coef, with_base, magnitude_activation, direction_activation, ste,
+                weight_grad_dtype=None):
         compute_dtype = autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             weight = _dual_weight_nograd(w0, A, B, C, D, coef, magnitude_activation, direction_activation, with_base)
             weight = weight.to(compute_dtype)
             y = F.linear(x.to(compute_dtype), weight, None if bias is None else bias.to(compute_dtype))
         ctx.save_for_backward(x, w0, A, B, C, D, coef)
-        ctx.options = (with_base, magnitude_activation, direction_activation, ste, bias is not None)
+        ctx.options = (with_base, magnitude_activation, direction_activation, ste, bias is not None, weight_grad_dtype)
         ctx.compute_dtype = compute_dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w0, A, B, C, D, coef = ctx.saved_tensors
-        with_base, mag_name, dir_name, ste, has_bias = ctx.options
+        with_base, mag_name, dir_name, ste, has_bias, weight_grad_dtype = ctx.options
         grad_out = grad_out.to(ctx.compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
             p, q = B @ A, D @ C  # rebuilt once, shared by the input and the factor gradients
@@ -262,7 +266,7 @@ class DualLoraLinearFunction(torch.autograd.Function):
                     weight += w0
                 grad_x, grad_b = _input_and_bias_grads(ctx, grad_out, weight, x, has_bias and ctx.needs_input_grad[2])
                 del weight  # at most P, Q, W_m, W_d and one more out x in matrix alive at once
-            g = _weight_grad(x, grad_out, A.dtype)
+            g = _weight_grad(x, grad_out, A.dtype, weight_grad_dtype)
             grad_w0 = g.to(w0.dtype, copy=True) if (ctx.needs_input_grad[1] and with_base) else None
             g.mul_(coef)
             # magnitude branch: Gm = coef * G * d(Q) * m'(P)
@@ -273,7 +277,7 @@ class DualLoraLinearFunction(torch.autograd.Function):
             # direction branch: Gd = STE(coef * G * m(P))
             g_d = direction_backward(g.mul_(w_m), q, dir_name, ste)
             grad_D, grad_C = g_d @ C.t(), D.t() @ g_d
-        return grad_x, grad_w0, grad_b, grad_A, grad_B, grad_C, grad_D, None, None, None, None, None
+        return grad_x, grad_w0, grad_b, grad_A, grad_B, grad_C, grad_D, None, None, None, None, None, None
 
 
 def _dual_weight_nograd(w0, A, B, C, D, coef, mag_name, dir_name, with_base):
@@ -293,7 +297,8 @@ class D2LoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w0, bias, A_pos, B_pos, A_neg, B_neg, w0_norm, scale, tau, norm_axis, detach_norm, with_base):
+    def forward(ctx, x, w0, bias, A_pos, B_pos, A_neg, B_neg, w0_norm, scale, tau, norm_axis, detach_norm, with_base,
+                weight_grad_dtype=None):
         compute_dtype = autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             weight = d2_weight(w0.to(A_pos.dtype), A_pos, B_pos, A_neg, B_neg, scale, tau, w0_norm, norm_axis, detach_norm)
@@ -301,14 +306,14 @@ class D2LoraLinearFunction(torch.autograd.Function):
                 weight = weight - w0.to(weight.dtype)
             y = F.linear(x.to(compute_dtype), weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
         ctx.save_for_backward(x, w0, A_pos, B_pos, A_neg, B_neg, w0_norm)
-        ctx.options = (scale, tau, norm_axis, detach_norm, with_base, bias is not None)
+        ctx.options = (scale, tau, norm_axis, detach_norm, with_base, bias is not None, weight_grad_dtype)
         ctx.compute_dtype = compute_dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w0, A_pos, B_pos, A_neg, B_neg, w0_norm = ctx.saved_tensors
-        scale, tau, norm_axis, detach_norm, with_base, has_bias = ctx.options
+        scale, tau, norm_axis, detach_norm, with_base, has_bias, weight_grad_dtype = ctx.options
         grad_out = grad_out.to(ctx.compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
             dw = d2_delta_weight(A_pos, B_pos, A_neg, B_neg, scale, tau)
@@ -319,7 +324,7 @@ class D2LoraLinearFunction(torch.autograd.Function):
                 weight = w_prime * k + (dw if with_base else dw - w0.to(dw.dtype))
                 grad_x, grad_b = _input_and_bias_grads(ctx, grad_out, weight, x, has_bias and ctx.needs_input_grad[2])
                 del weight
-            g = _weight_grad(x, grad_out, A_pos.dtype)
+            g = _weight_grad(x, grad_out, A_pos.dtype, weight_grad_dtype)
             if detach_norm:
                 g_prime = g * k
             else:
@@ -336,4 +341,4 @@ class D2LoraLinearFunction(torch.autograd.Function):
             grad_B_pos = scale * (A_pos.t() @ g_dw)
             grad_A_neg = (-scale * tau) * (g_dw @ B_neg.t())
             grad_B_neg = (-scale * tau) * (A_neg.t() @ g_dw)
-        return (grad_x, grad_w0, grad_b, grad_A_pos, grad_B_pos, grad_A_neg, grad_B_neg) + (None,) * 6
+        return (grad_x, grad_w0, grad_b, grad_A_pos, grad_B_pos, grad_A_neg, grad_B_neg) + (None,) * 7

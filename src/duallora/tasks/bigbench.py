@@ -1,7 +1,8 @@
 """The five offline tasks, read out of the BIG-bench source archive on PyPI (``bigbench==1.0.0``).
 
-On first use the archive (358 MB) is fetched with ``pip download --no-deps`` (pip's own progress bar), the five
-``task.json`` files are extracted into the user cache dir, and the archive is deleted. The package is never
+On first use the archive (358 MB) is downloaded from the package index (``$PIP_INDEX_URL`` or PyPI) with a progress
+bar and its sha256 checked, the five ``task.json`` files are extracted into the user cache dir, and the archive is
+deleted. The package is never
 installed or imported. Each task's data keeps its source's licence: it is fetched at run time, not shipped.
 """
 
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from ..models import cache_dir
 from . import Example, Task, deterministic_split
 
 ARCHIVE_REQUIREMENT = "bigbench==1.0.0"
+DEFAULT_INDEX = "https://pypi.org/simple"
 MEMBER_ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 BIGBENCH_TASKS = {
     "sentiment": "multiemo/all_sentence_en",
@@ -44,22 +44,65 @@ def ensure_task_files() -> None:
         extract_task_files(Path(archive))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"Fetching the BIG-bench task data ({ARCHIVE_REQUIREMENT} from PyPI, 358 MB, once) ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp,
-               ARCHIVE_REQUIREMENT]
-        result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
-        archives = list(Path(tmp).glob("bigbench-*.tar.gz"))
-        if result.returncode != 0 or not archives:
-            raise RuntimeError(
-                f"Could not download {ARCHIVE_REQUIREMENT} from PyPI ({result.stderr.strip()[-300:]}). Download it "
-                "elsewhere and set DUALLORA_BIGBENCH_ARCHIVE=/path/to/bigbench-1.0.0.tar.gz, or pass a local data file."
-            )
-        extract_task_files(archives[0])
+        extract_task_files(download_archive(Path(tmp)))
+
+
+def download_archive(directory: Path) -> Path:
+    """Download the sdist from the package index's simple API with a progress bar, checking its sha256.
+
+    (``pip download`` cannot be used: recent pips refuse this sdist's metadata, which declares a direct-URL
+    dependency, and discard the download.)
+    """
+    import hashlib
+    import re
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    index = os.environ.get("PIP_INDEX_URL", DEFAULT_INDEX).rstrip("/")
+    try:
+        page = urllib.request.urlopen(_index_page(index), timeout=60).read().decode()
+        match = re.search(r'href="([^"]*/bigbench-1\.0\.0\.tar\.gz)#sha256=([0-9a-f]{64})"', page)
+        if match is None:
+            raise RuntimeError(f"{index}/bigbench/ lists no bigbench-1.0.0.tar.gz")
+        url, sha256 = match.groups()
+        target = directory / "bigbench-1.0.0.tar.gz"
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=120) as response, target.open("wb") as out, tqdm(
+                total=int(response.headers.get("Content-Length", 0)) or None, unit="B", unit_scale=True,
+                desc=f"{ARCHIVE_REQUIREMENT} (task data, once)") as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    except (OSError, RuntimeError) as err:  # URLError and timeouts are OSErrors
+        raise RuntimeError(
+            f"Could not download {ARCHIVE_REQUIREMENT} from {index} ({err}). Download bigbench-1.0.0.tar.gz "
+            "elsewhere and set DUALLORA_BIGBENCH_ARCHIVE=/path/to/it, or pass a local data file as --task."
+        ) from err
+    if digest.hexdigest() != sha256:
+        raise RuntimeError(f"The downloaded {target.name} does not match the index's sha256; try again.")
+    return target
+
+
+def _index_page(index: str) -> str:
+    """The project page of a PEP 503 index (a local file:// index serves its index.html explicitly)."""
+    return f"{index}/bigbench/index.html" if index.startswith("file://") else f"{index}/bigbench/"
 
 
 def extract_task_files(archive: Path) -> None:
     """Copy the task files out of the archive, each written atomically (a crash leaves no half file)."""
     wanted = {MEMBER_ROOT + path + "/task.json": name for name, path in BIGBENCH_TASKS.items()}
+    try:
+        _extract(archive, wanted)
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise RuntimeError(f"{archive} is incomplete or not a tar.gz archive ({err}).") from err
+    missing = [name for name in BIGBENCH_TASKS if not task_file(name).exists()]
+    if missing:
+        raise RuntimeError(f"{archive} lacks the task files of {missing}; is it {ARCHIVE_REQUIREMENT}?")
+
+
+def _extract(archive: Path, wanted: dict[str, str]) -> None:
     with tarfile.open(archive) as tar:
         for member in tar:
             name = wanted.get(member.name)
@@ -71,9 +114,6 @@ def extract_task_files(archive: Path) -> None:
             with os.fdopen(fd, "wb") as out:
                 out.write(tar.extractfile(member).read())
             os.replace(tmp, target)
-    missing = [name for name in BIGBENCH_TASKS if not task_file(name).exists()]
-    if missing:
-        raise RuntimeError(f"{archive} lacks the task files of {missing}; is it {ARCHIVE_REQUIREMENT}?")
 
 
 def _best(target_scores: dict) -> str:
