@@ -235,3 +235,34 @@ def test_dual_function_under_bf16_autocast_matches_float32_closely():
     torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=5e-2)
     y16.float().sum().backward()
     assert Ab.grad.dtype == torch.float32 and torch.isfinite(Ab.grad).all()
+
+
+# ----------------------------------------------------------------------------- fused elementwise kernels
+def test_fused_kernels_match_the_eager_maths():
+    from duallora.functional import _build_weight, _product_grads, dual_product_grads, dual_weight_from_products
+
+    g = torch.Generator().manual_seed(7)
+    p, q, w0, grad = (torch.randn(33, 17, generator=g) for _ in range(4))
+    q[0, :3] = 0.0  # Sign(0) = -1 must survive fusion
+    coef = torch.tensor(0.8)
+    torch.testing.assert_close(_build_weight(p, q, w0, coef, "relu", "sign", True),
+                               dual_weight_from_products(p, q, w0, coef, "relu", "sign", True))
+    for fused_out, eager_out in zip(_product_grads(grad * 3, p, q, coef, "relu", "sign", "clip"),
+                                    dual_product_grads(grad * 3, p, q, coef, "relu", "sign", "clip")):
+        torch.testing.assert_close(fused_out, eager_out)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
+    import duallora.fused as fused_module
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(fused_module, "_disabled", False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    square = fused_module.fused(lambda t: t * t)
+    with pytest.warns(UserWarning, match="failed.*no C\\+\\+ compiler.*eagerly"):
+        assert torch.equal(square(torch.tensor([3.0])), torch.tensor([9.0]))
+    assert fused_module._disabled  # and from then on, eager without trying again

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused import fused
+
 MAGNITUDE_ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
 DIRECTION_ACTIVATIONS = ("sign", "tanh", "identity")
 STE_VARIANTS = ("clip", "identity", "hardtanh")
@@ -142,6 +144,22 @@ def dual_delta_weight(
     return coef * (w_m * w_d)
 
 
+def dual_weight_from_products(p: torch.Tensor, q: torch.Tensor, w0: torch.Tensor, coef: torch.Tensor,
+                              magnitude_activation: str, direction_activation: str, with_base: bool) -> torch.Tensor:
+    """``W0 + coef * m(P) * d(Q)`` (or without ``W0``) from the factor products, without autograd bookkeeping."""
+    dw = coef * (magnitude(p, magnitude_activation) * direction(q, direction_activation))
+    return w0 + dw if with_base else dw
+
+
+def dual_product_grads(g: torch.Tensor, p: torch.Tensor, q: torch.Tensor, coef: torch.Tensor,
+                       magnitude_activation: str, direction_activation: str, ste: str):
+    """Gradients w.r.t. ``P`` and ``Q`` given ``G = dL/dW``: ``Gm = coef G d(Q) m'(P)``, ``Gd = STE(coef G m(P))``."""
+    g = g * coef
+    g_m = g * direction(q, direction_activation) * magnitude_derivative(p, magnitude_activation)
+    g_d = direction_backward(g * magnitude(p, magnitude_activation), q, direction_activation, ste)
+    return g_m, g_d
+
+
 def dual_warmup_coef(step: torch.Tensor, warmup_steps: int, scale: float) -> torch.Tensor:
     """``lam_t * s`` with ``lam_t = min(1, t / warmup_steps)`` (paper Sec. 3.3); a tensor, so that
     ``torch.compile`` sees one graph for every step. ``warmup_steps = 0`` turns the warm-up off."""
@@ -236,6 +254,8 @@ class DualLoraLinearFunction(torch.autograd.Function):
         Gm = coef * G * d(Q) * m'(P)          -> dB = Gm A^T,  dA = B^T Gm
         Gd = STE(coef * G * m(P))             -> dD = Gd C^T,  dC = D^T Gd
         gx = g (W0 + dW)
+
+    The elementwise parts (building W; Gm and Gd from G) run as fused loops (:mod:`duallora.fused`).
     """
 
     @staticmethod
@@ -243,7 +263,7 @@ class DualLoraLinearFunction(torch.autograd.Function):
                 weight_grad_dtype=None):
         compute_dtype = autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            weight = _dual_weight_nograd(w0, A, B, C, D, coef, magnitude_activation, direction_activation, with_base)
+            weight = _build_weight(B @ A, D @ C, w0, coef, magnitude_activation, direction_activation, with_base)
             weight = weight.to(compute_dtype)
             y = F.linear(x.to(compute_dtype), weight, None if bias is None else bias.to(compute_dtype))
         ctx.save_for_backward(x, w0, A, B, C, D, coef)
@@ -258,32 +278,23 @@ class DualLoraLinearFunction(torch.autograd.Function):
         grad_out = grad_out.to(ctx.compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
             p, q = B @ A, D @ C  # rebuilt once, shared by the input and the factor gradients
-            w_m, w_d = magnitude(p, mag_name), direction(q, dir_name)
             grad_x, grad_b = None, None
             if ctx.needs_input_grad[0] or (has_bias and ctx.needs_input_grad[2]):
-                weight = coef * (w_m * w_d)
-                if with_base:
-                    weight += w0
+                weight = _build_weight(p, q, w0, coef, mag_name, dir_name, with_base)
                 grad_x, grad_b = _input_and_bias_grads(ctx, grad_out, weight, x, has_bias and ctx.needs_input_grad[2])
-                del weight  # at most P, Q, W_m, W_d and one more out x in matrix alive at once
+                del weight  # at most P, Q, G and the two branch gradients alive at once
             g = _weight_grad(x, grad_out, A.dtype, weight_grad_dtype)
             grad_w0 = g.to(w0.dtype, copy=True) if (ctx.needs_input_grad[1] and with_base) else None
-            g.mul_(coef)
-            # magnitude branch: Gm = coef * G * d(Q) * m'(P)
-            g_m = (g * w_d).mul_(magnitude_derivative(p, mag_name))
-            del w_d, p
+            g_m, g_d = _product_grads(g, p, q, coef, mag_name, dir_name, ste)
+            del g, p, q
             grad_B, grad_A = g_m @ A.t(), B.t() @ g_m
-            del g_m
-            # direction branch: Gd = STE(coef * G * m(P))
-            g_d = direction_backward(g.mul_(w_m), q, dir_name, ste)
             grad_D, grad_C = g_d @ C.t(), D.t() @ g_d
         return grad_x, grad_w0, grad_b, grad_A, grad_B, grad_C, grad_D, None, None, None, None, None, None
 
 
-def _dual_weight_nograd(w0, A, B, C, D, coef, mag_name, dir_name, with_base):
-    """``W0 + dW`` (or ``dW``), called inside the Function where autograd is off (so no STE is involved)."""
-    dw = dual_delta_weight(A, B, C, D, coef, mag_name, dir_name)
-    return w0.to(dw.dtype) + dw if with_base else dw
+# one fused loop each over the out x in matrices (see duallora.fused)
+_build_weight = fused(dual_weight_from_products)
+_product_grads = fused(dual_product_grads)
 
 
 class D2LoraLinearFunction(torch.autograd.Function):

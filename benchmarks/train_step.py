@@ -1,0 +1,216 @@
+"""Training-step time and peak memory per method, each method in its own process, as ratios against peft's LoRA
+measured in the same run, with the performance targets checked.
+
+    python benchmarks/train_step.py --model smollm2 --precision fp32      # all linear layers, r=16, batch 8 x 128
+    python benchmarks/train_step.py --model smollm2 --precision bf16
+    python benchmarks/train_step.py --model minilm --batch 16             # MiniLM all-linear, 16 x 128
+    python benchmarks/train_step.py --model tiny --steps 2                # smoke test (a tiny random LLaMA)
+
+Writes ``docs/bench/train_step_<model>_<precision>.json`` and ``.md``. Time is the median of ``--steps`` steps after
+one warm-up step; memory is the peak resident set size during the measured steps (``torch.cuda.max_memory_allocated``
+on a GPU). Timings on a shared CPU vary by about 15 % between runs: compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench"
+METHODS = ("lora", "lora-2r", "dora", "dual", "dual-bf16-grad", "dual-autograd", "d2", "full")
+TARGETS = [  # (method, metric, against, bound, description)
+    ("dual", "peak_mib", "lora", 0.85, "Dual LoRA peak memory <= 0.85x LoRA"),
+    ("dual", "step_seconds", "lora", 1.15, "Dual LoRA step time <= 1.15x LoRA"),
+    ("dual", "peak_mib", "dora", 1.0, "Dual LoRA memory below DoRA"),
+    ("dual", "step_seconds", "dora", 1.0, "Dual LoRA time below DoRA"),
+    ("dual-bf16-grad", "step_seconds", "lora", 1.15, "Dual LoRA (bf16 weight gradient) time <= 1.15x LoRA"),
+    ("d2", "peak_mib", "dora", 1.0, "D2-LoRA memory <= DoRA"),
+    ("d2", "step_seconds", "dora", 1.0, "D2-LoRA time <= DoRA"),
+]
+
+
+def adapter_config(method: str, r: int, task_type: str):
+    from peft import LoraConfig
+
+    from duallora import D2LoraConfig, DualLoraConfig
+
+    def common(rank):
+        return dict(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type=task_type)
+
+    return {
+        "lora": lambda: LoraConfig(**common(r)),
+        "lora-2r": lambda: LoraConfig(**common(2 * r)),
+        "dora": lambda: LoraConfig(use_dora=True, **common(r)),
+        "dual": lambda: DualLoraConfig(**common(r)),
+        "dual-bf16-grad": lambda: DualLoraConfig(weight_grad_dtype="bfloat16", **common(r)),
+        "dual-autograd": lambda: DualLoraConfig(memory_efficient=False, **common(r)),
+        "d2": lambda: D2LoraConfig(**common(r)),
+        "full": lambda: None,
+    }[method]()
+
+
+class PeakRss:
+    """Samples this process's resident set size every 2 ms; ``peak`` is the highest value seen."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def current(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def __enter__(self):
+        self.peak = self.current()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def load_model(name: str):
+    """(model, task_type, vocab size) for a benchmark model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from duallora.models import minilm_path, smollm2_path
+
+    if name == "smollm2":
+        return AutoModelForCausalLM.from_pretrained(smollm2_path()), "CAUSAL_LM"
+    if name == "minilm":
+        return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=4), "SEQ_CLS"
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
+    return LlamaForCausalLM(config), "CAUSAL_LM"
+
+
+def measure(method: str, args) -> dict:
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model, task_type = load_model(args.model)
+    config = adapter_config(method, args.r, task_type)
+    if config is not None:
+        model = get_peft_model(model, config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq))
+    labels = ids if task_type == "CAUSAL_LM" else torch.randint(0, 4, (args.batch,))
+    use_bf16 = args.precision == "bf16"
+    cuda = torch.cuda.is_available()
+    if cuda:
+        model.cuda()
+        ids, labels = ids.cuda(), labels.cuda()
+
+    def step():
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocator, optimizer state
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    with PeakRss() as rss:
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss.peak / 2**20
+    return {"method": method, "step_seconds": statistics.median(times), "all_step_seconds": times,
+            "peak_mib": peak, "trainable_params": sum(p.numel() for p in params)}
+
+
+def check_targets(results: dict[str, dict]) -> list[dict]:
+    checks = []
+    for method, metric, against, bound, text in TARGETS:
+        if method in results and against in results:
+            ratio = results[method][metric] / results[against][metric]
+            checks.append({"target": text, "ratio": ratio, "bound": bound, "holds": ratio <= bound})
+    return checks
+
+
+def markdown(payload: dict) -> str:
+    a = payload["args"]
+    results = {r["method"]: r for r in payload["results"]}
+    lora = results.get("lora", payload["results"][0])
+    lines = [f"{a['model']}, all linear layers, r={a['r']}, batch {a['batch']}x{a['seq']}, {a['precision']}, AdamW; "
+             f"median of {a['steps']} steps after a warm-up step; one process per method; {payload['device']}.", "",
+             "| method | trainable | step time | vs LoRA | peak memory | vs LoRA |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in payload["results"]:
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_seconds']:.3f} s | "
+                     f"{r['step_seconds'] / lora['step_seconds']:.2f}x | {r['peak_mib']:.0f} MiB | "
+                     f"{r['peak_mib'] / lora['peak_mib']:.2f}x |")
+    if payload["targets"]:
+        lines += ["", "| target | measured | holds |", "| --- | --- | --- |"]
+        for t in payload["targets"]:
+            lines.append(f"| {t['target']} | {t['ratio']:.2f}x | {'yes' if t['holds'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm", "tiny"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--output-dir", default=str(DOCS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args)))
+        return
+    import torch
+
+    if args.model == "smollm2":
+        from duallora.models import smollm2_path
+
+        smollm2_path()  # convert the GGUF once, outside the measured processes
+    results = []
+    for method in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--child", method] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "methods", "output_dir")]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{method}: {results[-1]['step_seconds']:.3f} s, {results[-1]['peak_mib']:.0f} MiB", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    payload = {"args": vars(args), "device": device, "results": results,
+               "targets": check_targets({r["method"]: r for r in results})}
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"train_step_{args.model}_{args.precision}"
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    stem.with_suffix(".md").write_text(markdown(payload))
+    print("\n" + markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
