@@ -47,6 +47,7 @@ HELP = {
     "direction_activation": "Dual LoRA: 'sign', 'tanh', 'identity'", "init_std": "Dual LoRA: Gaussian init std",
     "tau": "D2-LoRA: weight of the negative branch", "norm_axis": "D2-LoRA: 'out' or 'in'",
     "detach_norm": "D2-LoRA: no gradient through the norm",
+    "weight_grad_dtype": "Dual/D2: dtype of the backward's weight-gradient matmul, e.g. bfloat16 (faster)",
 }
 
 

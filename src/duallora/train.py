@@ -71,10 +71,11 @@ class RunConfig:
     ste: Optional[str] = None
     magnitude_activation: Optional[str] = None
     direction_activation: Optional[str] = None
-    init_std: Optional[float] = None
+    init_std: Optional[float] = None  # a number; the library also takes "fan_in"
     tau: Optional[float] = None
     norm_axis: Optional[str] = None
     detach_norm: Optional[bool] = None
+    weight_grad_dtype: Optional[str] = None
 
     def validate(self) -> None:
         """Ranges of the run's own flags (the adapter configs check theirs)."""
@@ -121,13 +122,14 @@ def adapter_config(cfg: RunConfig, task_kind: str):
     alpha = cfg.alpha if cfg.alpha is not None else 2 * cfg.r
     common = dict(r=cfg.r, lora_alpha=alpha, target_modules=cfg.target_modules, lora_dropout=cfg.dropout,
                   task_type=task_type)
+    ours = {"weight_grad_dtype": cfg.weight_grad_dtype} if cfg.weight_grad_dtype else {}
     options = {k: v for k, v in asdict(cfg).items() if v is not None}
     pick = lambda names: {k: options[k] for k in names if k in options}  # noqa: E731
     if cfg.method == "dual":
-        return DualLoraConfig(**common, **pick(["r1", "r2", "warmup_steps", "ste", "magnitude_activation",
-                                                "direction_activation", "init_std"]))
+        return DualLoraConfig(**common, **ours, **pick(["r1", "r2", "warmup_steps", "ste", "magnitude_activation",
+                                                        "direction_activation", "init_std"]))
     if cfg.method == "d2":
-        return D2LoraConfig(**common, **pick(["tau", "norm_axis", "detach_norm"]))
+        return D2LoraConfig(**common, **ours, **pick(["tau", "norm_axis", "detach_norm"]))
     if cfg.method in ("lora", "dora"):
         return LoraConfig(use_dora=cfg.method == "dora", **common)
     return None
@@ -279,7 +281,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.lr_warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    state = {"step": 0, "micro_batch": 0, "losses": [], "evaluations": [], "train_seconds": 0.0}
+    state = {"step": 0, "micro_batch": 0, "losses": [], "evaluations": [], "train_seconds": 0.0, "eval_seconds": 0.0}
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
         unwrapped = accelerator.unwrap_model(model)
@@ -313,7 +315,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                 shutil.rmtree(old)  # keep the newest complete checkpoint only
 
     def run_eval():
+        started = time.perf_counter()
         scores = evaluate(accelerator.unwrap_model(model), tokenizer, task, eval_examples, cfg.max_length)
+        state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - started
         state["evaluations"].append({"step": state["step"], "split": "validation", **scores})
         model.train()
         return scores
@@ -322,7 +326,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
                disable=not (progress and accelerator.is_main_process))
     model.train()
-    start = time.perf_counter() - state["train_seconds"]
+    start = time.perf_counter() - state["train_seconds"] - state.get("eval_seconds", 0.0)
     running_loss = 0.0
     try:
         while state["step"] < total_steps:
@@ -347,7 +351,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
             bar.set_postfix(loss=f"{running_loss:.4f}", refresh=False)  # drawn at the bar's own pace
             bar.update(1)
             running_loss = 0.0
-            state["train_seconds"] = time.perf_counter() - start
+            state["train_seconds"] = time.perf_counter() - start - state.get("eval_seconds", 0.0)
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
                 scores = run_eval()
                 bar.write(f"step {state['step']}: validation {_fmt(scores)}")
@@ -363,7 +367,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
               file=sys.stderr)
         raise
     bar.close()
-    state["train_seconds"] = time.perf_counter() - start
+    state["train_seconds"] = time.perf_counter() - start - state.get("eval_seconds", 0.0)  # optimisation only
 
     validation = run_eval()
     test_scores = evaluate(accelerator.unwrap_model(model), tokenizer, task, task.test[: cfg.max_eval_examples],
