@@ -178,11 +178,17 @@ def unit_norm(w: torch.Tensor, axis: str) -> torch.Tensor:
     raise ValueError(f"unknown norm axis {axis!r}; valid: {NORM_AXES}")
 
 
+def d2_delta_from_products(pos: torch.Tensor, neg: torch.Tensor, scale: float, tau: float) -> torch.Tensor:
+    """D2-LoRA signed two-branch update ``dW = scale * (pos - tau * neg)`` from ``pos = A_pos B_pos``,
+    ``neg = A_neg B_neg`` (paper Eq. 1)."""
+    return scale * (pos - tau * neg)
+
+
 def d2_delta_weight(
     A_pos: torch.Tensor, B_pos: torch.Tensor, A_neg: torch.Tensor, B_neg: torch.Tensor, scale: float, tau: float
 ) -> torch.Tensor:
     """D2-LoRA signed two-branch update ``dW = scale * (A_pos B_pos - tau * A_neg B_neg)`` (paper Eq. 1)."""
-    return scale * (A_pos @ B_pos - tau * (A_neg @ B_neg))
+    return d2_delta_from_products(A_pos @ B_pos, A_neg @ B_neg, scale, tau)
 
 
 def d2_unit_scale(
@@ -208,9 +214,35 @@ def d2_weight(
     detach_norm: bool = False,
 ) -> torch.Tensor:
     """``W_hat = (W0 + dW) * n(W0) / n(W0 + dW) + dW`` (paper Eq. 2-3). Differentiable (the reference path)."""
-    dw = d2_delta_weight(A_pos, B_pos, A_neg, B_neg, scale, tau)
+    return d2_weight_from_products(A_pos @ B_pos, A_neg @ B_neg, w0, w0_norm, scale, tau, norm_axis, detach_norm)
+
+
+def d2_weight_from_products(pos: torch.Tensor, neg: torch.Tensor, w0: torch.Tensor, w0_norm: torch.Tensor,
+                            scale: float, tau: float, norm_axis: str = "out", detach_norm: bool = False,
+                            with_base: bool = True) -> torch.Tensor:
+    """``W_hat`` (or ``W_hat - W0``) from the two branch products."""
+    dw = d2_delta_from_products(pos, neg, scale, tau)
     w_prime = w0 + dw
-    return w_prime * d2_unit_scale(w_prime, w0_norm, norm_axis, detach_norm) + dw
+    w_hat = w_prime * d2_unit_scale(w_prime, w0_norm, norm_axis, detach_norm) + dw
+    return w_hat if with_base else w_hat - w0
+
+
+def d2_product_grads(g: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, w0: torch.Tensor, w0_norm: torch.Tensor,
+                     scale: float, tau: float, norm_axis: str, detach_norm: bool):
+    """``(dL/d dW, dL/dW')`` given ``G = dL/dW_hat``, with ``k = n(W0)/n(W')``::
+
+        dL/dW' = k * (G - <G, W'>_unit / n(W')^2 * W')      (k * G with detach_norm)
+        dL/ddW = G + dL/dW'
+    """
+    w_prime = w0 + d2_delta_from_products(pos, neg, scale, tau)
+    k = d2_unit_scale(w_prime, w0_norm, norm_axis)
+    if detach_norm:
+        g_prime = g * k
+    else:
+        dim = 1 if norm_axis == "out" else 0
+        radial = (g * w_prime).sum(dim=dim, keepdim=True) / unit_norm(w_prime, norm_axis).square().clamp_min(_NORM_EPS)
+        g_prime = (g - radial * w_prime) * k
+    return g + g_prime, g_prime
 
 
 def d2_unmerge(
@@ -300,11 +332,8 @@ _product_grads = fused(dual_product_grads)
 class D2LoraLinearFunction(torch.autograd.Function):
     """``y = x W_hat^T + b`` (or ``x (W_hat - W0)^T`` when ``with_base`` is False) for D2-LoRA.
 
-    Saves ``x`` and the factors only. With ``W' = W0 + dW``, ``n = n(W')``, ``k = n(W0)/n``::
-
-        G      = g^T x
-        dL/dW' = k * (G - <G, W'>_unit / n^2 * W')      (k * G with detach_norm)
-        dL/ddW = G + dL/dW'                               -> factor grads through dW's bilinear form
+    Saves ``x`` and the factors only; backward rebuilds the branch products and takes the gradient through the
+    norm projection with :func:`d2_product_grads`. The elementwise parts run as fused loops (:mod:`duallora.fused`).
     """
 
     @staticmethod
@@ -312,9 +341,8 @@ class D2LoraLinearFunction(torch.autograd.Function):
                 weight_grad_dtype=None):
         compute_dtype = autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            weight = d2_weight(w0.to(A_pos.dtype), A_pos, B_pos, A_neg, B_neg, scale, tau, w0_norm, norm_axis, detach_norm)
-            if not with_base:
-                weight = weight - w0.to(weight.dtype)
+            weight = _build_d2_weight(A_pos @ B_pos, A_neg @ B_neg, w0.to(A_pos.dtype), w0_norm, scale, tau,
+                                      norm_axis, detach_norm, with_base)
             y = F.linear(x.to(compute_dtype), weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
         ctx.save_for_backward(x, w0, A_pos, B_pos, A_neg, B_neg, w0_norm)
         ctx.options = (scale, tau, norm_axis, detach_norm, with_base, bias is not None, weight_grad_dtype)
@@ -327,29 +355,26 @@ class D2LoraLinearFunction(torch.autograd.Function):
         scale, tau, norm_axis, detach_norm, with_base, has_bias, weight_grad_dtype = ctx.options
         grad_out = grad_out.to(ctx.compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
-            dw = d2_delta_weight(A_pos, B_pos, A_neg, B_neg, scale, tau)
-            w_prime = w0.to(dw.dtype) + dw
-            k = d2_unit_scale(w_prime, w0_norm, norm_axis)
+            pos, neg, w0f = A_pos @ B_pos, A_neg @ B_neg, w0.to(A_pos.dtype)
             grad_x, grad_b = None, None
             if ctx.needs_input_grad[0] or (has_bias and ctx.needs_input_grad[2]):
-                weight = w_prime * k + (dw if with_base else dw - w0.to(dw.dtype))
+                weight = _build_d2_weight(pos, neg, w0f, w0_norm, scale, tau, norm_axis, detach_norm, with_base)
                 grad_x, grad_b = _input_and_bias_grads(ctx, grad_out, weight, x, has_bias and ctx.needs_input_grad[2])
                 del weight
             g = _weight_grad(x, grad_out, A_pos.dtype, weight_grad_dtype)
-            if detach_norm:
-                g_prime = g * k
-            else:
-                dim = 1 if norm_axis == "out" else 0
-                radial = (g * w_prime).sum(dim=dim, keepdim=True) / unit_norm(w_prime, norm_axis).square()
-                g_prime = (g - radial * w_prime).mul_(k)
-            del w_prime
+            g_dw, g_prime = _d2_product_grads(g, pos, neg, w0f, w0_norm, scale, tau, norm_axis, detach_norm)
+            del pos, neg
             grad_w0 = None
             if ctx.needs_input_grad[1]:  # y sees W0 through W' (and, without the base term, minus W0 itself)
                 grad_w0 = (g_prime if with_base else g_prime - g).to(w0.dtype, copy=True)
-            g_dw = g_prime.add_(g)
-            del g
+            del g, g_prime
+            g_dw = g_dw.to(A_pos.dtype)  # n(W0) is float32 even for bf16 factors: back to the factors' dtype
             grad_A_pos = scale * (g_dw @ B_pos.t())
             grad_B_pos = scale * (A_pos.t() @ g_dw)
             grad_A_neg = (-scale * tau) * (g_dw @ B_neg.t())
             grad_B_neg = (-scale * tau) * (A_neg.t() @ g_dw)
         return (grad_x, grad_w0, grad_b, grad_A_pos, grad_B_pos, grad_A_neg, grad_B_neg) + (None,) * 7
+
+
+_build_d2_weight = fused(d2_weight_from_products)
+_d2_product_grads = fused(d2_product_grads)
