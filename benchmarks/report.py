@@ -1,0 +1,44 @@
+"""Put the benchmark tables from ``docs/bench/*.md`` into the README, between its ``bench`` markers.
+
+    python benchmarks/report.py
+
+Run it after the benchmarks, so the README shows what they measured (never edit the tables by hand).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = [
+    ("Training step, SmolLM2-135M, float32", "train_step_smollm2_fp32"),
+    ("Training step, SmolLM2-135M, bf16 autocast", "train_step_smollm2_bf16"),
+    ("Training step, MiniLM, float32", "train_step_minilm_fp32"),
+    ("One layer, against the cost model", "one_layer"),
+    ("Inference, SmolLM2-135M", "inference_smollm2"),
+]
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def render() -> str:
+    parts = []
+    for title, stem in SECTIONS:
+        path = ROOT / "docs" / "bench" / f"{stem}.md"
+        if path.exists():
+            parts.append(f"### {title}\n\n{path.read_text().strip()}\n")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{render()}{END}{tail}")
+    print(f"README.md: benchmark tables updated from docs/bench/ ({len(SECTIONS)} sections)")
+
+
+if __name__ == "__main__":
+    main()
