@@ -18,3 +18,19 @@ def test_train_step_harness_runs_and_checks_targets(tmp_path):
     assert all(r["step_seconds"] > 0 and r["peak_mib"] > 0 for r in payload["results"])
     assert {t["target"] for t in payload["targets"]} >= {"Dual LoRA peak memory <= 0.85x LoRA", "D2-LoRA time <= DoRA"}
     assert "| target | measured | holds |" in (tmp_path / "train_step_tiny_fp32.md").read_text()
+
+
+def test_one_layer_and_inference_harnesses_run(tmp_path):
+    for script, args, produced in (
+        ("one_layer.py", ["--shapes", "64x48", "--tokens", "32", "--repeats", "1"], "one_layer.json"),
+        ("inference.py", ["--model", "tiny", "--batch", "2", "--seq", "16", "--repeats", "1"], "inference_tiny.json"),
+    ):
+        result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--output-dir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        payload = json.loads((tmp_path / produced).read_text())
+        rows = payload["rows"]
+        assert rows and all((r.get("ms") or r.get("tokens_per_s")) > 0 for r in rows)
+    one_layer = json.loads((tmp_path / "one_layer.json").read_text())["rows"]
+    kept = {r["method"]: r["saved_for_backward_mib"] for r in one_layer}
+    assert kept["dual"] < kept["dual-autograd"]  # the memory-efficient backward keeps no out x in matrix
