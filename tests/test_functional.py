@@ -266,3 +266,19 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
     with pytest.warns(UserWarning, match="failed.*no C\\+\\+ compiler.*eagerly"):
         assert torch.equal(square(torch.tensor([3.0])), torch.tensor([9.0]))
     assert fused_module._disabled  # and from then on, eager without trying again
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_functions_are_right_for_a_transposed_base_weight(axis):
+    """Conv1D hands the layers W0 as a transposed view; the compiled kernels must not see strides they get wrong."""
+    g = torch.Generator().manual_seed(11)
+    w0 = (torch.randn(48, 32, generator=g) * 0.1).t()  # (32, 48), not contiguous
+    x = torch.randn(2, 5, 48, generator=g)
+    Ap, Bp, An, Bn = (torch.randn(*s, generator=g) * 0.1 for s in ((32, 4), (4, 48), (32, 4), (4, 48)))
+    n0 = unit_norm(w0, axis)
+    y = D2LoraLinearFunction.apply(x, w0, None, Ap, Bp, An, Bn, n0, 2.0, 0.5, axis, False, True)
+    torch.testing.assert_close(y, reference_d2_linear(x, w0, None, Ap, Bp, An, Bn, 2.0, 0.5, axis, False))
+    A, B, C, D = (torch.randn(*s, generator=g) * 0.3 for s in ((3, 48), (32, 3), (3, 48), (32, 3)))
+    coef = torch.tensor(0.6)
+    y = DualLoraLinearFunction.apply(x, w0, None, A, B, C, D, coef, True, "relu", "sign", "clip")
+    torch.testing.assert_close(y, reference_dual_linear(x, w0, None, A, B, C, D, coef, "relu", "sign", "clip"))

@@ -62,10 +62,12 @@ def test_parameter_names_and_shapes_follow_the_spec():
 
 
 # ----------------------------------------------------------------------------- merge
+@pytest.mark.parametrize("training", [False, True])  # eval: the cached weight; train: the fused Function
 @pytest.mark.parametrize("model_name", ["llama", "bert", "gpt2"])
 @pytest.mark.parametrize("method", ["dual", "d2"])
-def test_merged_equals_unmerged_and_unmerge_restores(model_name, method, inputs):
+def test_merged_equals_unmerged_and_unmerge_restores(model_name, method, training, inputs):
     model = adapted(model_name, method)
+    model.train(training)
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     with torch.no_grad():
         unmerged = model_output(model, inputs)

@@ -260,6 +260,12 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _dense(w0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W0`` in the factors' dtype and row-major. Conv1D's ``(out, in)`` view is transposed; the fused kernels are
+    given dense inputs only (a transposed input to the compiled D2 reduction gave wrong results in torch 2.13)."""
+    return w0.to(dtype).contiguous()
+
+
 def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype,
                  matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``G = g^T x`` summed over all tokens, returned in the factors' dtype (float32 under bf16 autocast: the
@@ -295,7 +301,8 @@ class DualLoraLinearFunction(torch.autograd.Function):
                 weight_grad_dtype=None):
         compute_dtype = autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            weight = _build_weight(B @ A, D @ C, w0, coef, magnitude_activation, direction_activation, with_base)
+            weight = _build_weight(B @ A, D @ C, _dense(w0, A.dtype), coef, magnitude_activation,
+                                   direction_activation, with_base)
             weight = weight.to(compute_dtype)
             y = F.linear(x.to(compute_dtype), weight, None if bias is None else bias.to(compute_dtype))
         ctx.save_for_backward(x, w0, A, B, C, D, coef)
@@ -312,7 +319,7 @@ class DualLoraLinearFunction(torch.autograd.Function):
             p, q = B @ A, D @ C  # rebuilt once, shared by the input and the factor gradients
             grad_x, grad_b = None, None
             if ctx.needs_input_grad[0] or (has_bias and ctx.needs_input_grad[2]):
-                weight = _build_weight(p, q, w0, coef, mag_name, dir_name, with_base)
+                weight = _build_weight(p, q, _dense(w0, A.dtype), coef, mag_name, dir_name, with_base)
                 grad_x, grad_b = _input_and_bias_grads(ctx, grad_out, weight, x, has_bias and ctx.needs_input_grad[2])
                 del weight  # at most P, Q, G and the two branch gradients alive at once
             g = _weight_grad(x, grad_out, A.dtype, weight_grad_dtype)
@@ -341,7 +348,7 @@ class D2LoraLinearFunction(torch.autograd.Function):
                 weight_grad_dtype=None):
         compute_dtype = autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            weight = _build_d2_weight(A_pos @ B_pos, A_neg @ B_neg, w0.to(A_pos.dtype), w0_norm, scale, tau,
+            weight = _build_d2_weight(A_pos @ B_pos, A_neg @ B_neg, _dense(w0, A_pos.dtype), w0_norm, scale, tau,
                                       norm_axis, detach_norm, with_base)
             y = F.linear(x.to(compute_dtype), weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
         ctx.save_for_backward(x, w0, A_pos, B_pos, A_neg, B_neg, w0_norm)
@@ -355,7 +362,7 @@ class D2LoraLinearFunction(torch.autograd.Function):
         scale, tau, norm_axis, detach_norm, with_base, has_bias, weight_grad_dtype = ctx.options
         grad_out = grad_out.to(ctx.compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
-            pos, neg, w0f = A_pos @ B_pos, A_neg @ B_neg, w0.to(A_pos.dtype)
+            pos, neg, w0f = A_pos @ B_pos, A_neg @ B_neg, _dense(w0, A_pos.dtype)
             grad_x, grad_b = None, None
             if ctx.needs_input_grad[0] or (has_bias and ctx.needs_input_grad[2]):
                 weight = _build_d2_weight(pos, neg, w0f, w0_norm, scale, tau, norm_axis, detach_norm, with_base)
