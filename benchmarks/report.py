@@ -16,6 +16,7 @@ SECTIONS = [
     ("Training step, MiniLM, float32", "train_step_minilm_fp32"),
     ("One layer, against the cost model", "one_layer"),
     ("Inference, SmolLM2-135M", "inference_smollm2"),
+    ("Growth with rank and sequence length, SmolLM2-135M", "growth_smollm2"),
 ]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -25,7 +26,9 @@ def render() -> str:
     for title, stem in SECTIONS:
         path = ROOT / "docs" / "bench" / f"{stem}.md"
         if path.exists():
-            parts.append(f"### {title}\n\n{path.read_text().strip()}\n")
+            plot = path.with_suffix(".png")
+            figure = f"\n![{title}](docs/bench/{plot.name})\n" if plot.exists() else ""
+            parts.append(f"### {title}\n\n{path.read_text().strip()}\n{figure}")
     return "\n".join(parts)
 
 

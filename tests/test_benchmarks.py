@@ -34,3 +34,13 @@ def test_one_layer_and_inference_harnesses_run(tmp_path):
     one_layer = json.loads((tmp_path / "one_layer.json").read_text())["rows"]
     kept = {r["method"]: r["saved_for_backward_mib"] for r in one_layer}
     assert kept["dual"] < kept["dual-autograd"]  # the memory-efficient backward keeps no out x in matrix
+
+
+def test_growth_harness_writes_table_and_plot(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "growth.py"), "--model", "tiny", "--methods", "lora,dual",
+           "--ranks", "8,16", "--seqs", "32", "--steps", "1", "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "growth_tiny.json").read_text())["rows"]
+    assert len(rows) == 6 and (tmp_path / "growth_tiny.png").exists()
+    assert {r["r"] for r in rows if r["sweep"] == "rank"} == {8, 16}
