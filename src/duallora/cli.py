@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -133,23 +131,18 @@ def cmd_compare(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .train import load_trained
+    from .train import atomic_dir, load_trained
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it.")
     model, tokenizer, _, cfg = load_trained(args.adapter)
     plain = model if cfg.method == "full" else model.merge_and_unload(safe_merge=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)  # atomic: a failed merge never leaves a half checkpoint at --output
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    def write(directory: Path) -> None:
+        plain.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    atomic_dir(out, write)  # a failed merge never leaves a half checkpoint at --output
     print(f"Merged {cfg.method} adapter into {type(plain).__name__}; saved to {out} (loads without duallora).")
 
 

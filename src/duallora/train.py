@@ -141,9 +141,9 @@ def load_run_task(cfg: RunConfig, model_is_causal: bool) -> Task:
     return task if model_is_causal or task.kind == "classification" else task.as_classification()
 
 
-def build(cfg: RunConfig):
-    """Model (with the adapter), tokenizer and task of a run."""
-    from peft import get_peft_model
+def base_parts(cfg: RunConfig, model_path: Optional[Path] = None):
+    """The base model (with the head the task needs), tokenizer and task of a run. ``model_path`` overrides where
+    the weights come from (a saved full fine-tuning); the tokenizer and task always follow ``cfg``."""
     from transformers import AutoConfig
 
     from .models import load_model, load_tokenizer, resolve_model
@@ -153,7 +153,15 @@ def build(cfg: RunConfig):
     task = load_run_task(cfg, causal)
     tokenizer = load_tokenizer(path)
     torch.manual_seed(cfg.seed)  # the head and the adapter init depend on the seed only
-    model = load_model(path, task.kind, len(task.label_names or []) or None, tokenizer)
+    model = load_model(model_path or path, task.kind, len(task.label_names or []) or None, tokenizer)
+    return model, tokenizer, task
+
+
+def build(cfg: RunConfig):
+    """Model (with the adapter), tokenizer and task of a run."""
+    from peft import get_peft_model
+
+    model, tokenizer, task = base_parts(cfg)
     peft_config = adapter_config(cfg, task.kind)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
@@ -210,20 +218,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_weights(model, directory: Path) -> None:
-    """The adapter (PEFT format) or, for full fine-tuning, the whole model."""
-    model.save_pretrained(directory)
-
-
 def publish_weights(model, out: Path) -> None:
-    """Put the final weights into the output directory, file by file atomically."""
-    def write(tmp: Path):
-        save_weights(model, tmp)
-        for item in tmp.iterdir():
-            os.replace(item, out / item.name)
+    """Put the final weights (the adapter in PEFT format, or the full model) into the output directory, each file
+    written under a temporary name first and renamed into place."""
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
     try:
-        write(staging)
+        model.save_pretrained(staging)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -306,7 +308,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
 
     def save_checkpoint():
         def write(tmp: Path):
-            save_weights(accelerator.unwrap_model(model), tmp)
+            accelerator.unwrap_model(model).save_pretrained(tmp)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "rng": torch.get_rng_state(), "state": state}, tmp / "trainer_state.pt")
         if accelerator.is_main_process:
@@ -317,7 +319,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     def run_eval():
         started = time.perf_counter()
         scores = evaluate(accelerator.unwrap_model(model), tokenizer, task, eval_examples, cfg.max_length)
-        state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - started
+        state["eval_seconds"] = state["eval_seconds"] + time.perf_counter() - started
         state["evaluations"].append({"step": state["step"], "split": "validation", **scores})
         model.train()
         return scores
@@ -326,7 +328,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
                disable=not (progress and accelerator.is_main_process))
     model.train()
-    start = time.perf_counter() - state["train_seconds"] - state.get("eval_seconds", 0.0)
+    start = time.perf_counter() - state["train_seconds"] - state["eval_seconds"]
     running_loss = 0.0
     try:
         while state["step"] < total_steps:
@@ -351,7 +353,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
             bar.set_postfix(loss=f"{running_loss:.4f}", refresh=False)  # drawn at the bar's own pace
             bar.update(1)
             running_loss = 0.0
-            state["train_seconds"] = time.perf_counter() - start - state.get("eval_seconds", 0.0)
+            state["train_seconds"] = time.perf_counter() - start - state["eval_seconds"]
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
                 scores = run_eval()
                 bar.write(f"step {state['step']}: validation {_fmt(scores)}")
@@ -367,7 +369,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
               file=sys.stderr)
         raise
     bar.close()
-    state["train_seconds"] = time.perf_counter() - start - state.get("eval_seconds", 0.0)  # optimisation only
+    state["train_seconds"] = time.perf_counter() - start - state["eval_seconds"]  # optimisation only
 
     validation = run_eval()
     test_scores = evaluate(accelerator.unwrap_model(model), tokenizer, task, task.test[: cfg.max_eval_examples],
@@ -436,9 +438,6 @@ def plot_training(metrics: dict, path: Path) -> None:
 def load_trained(run_dir: str | Path, task: Optional[str] = None):
     """Model (base + saved adapter, or the saved full model), tokenizer, task and config of a finished run."""
     from peft import PeftModel
-    from transformers import AutoConfig
-
-    from .models import load_model, load_tokenizer, resolve_model
 
     run_dir = Path(run_dir)
     if not (run_dir / "run_config.json").exists():
@@ -446,12 +445,8 @@ def load_trained(run_dir: str | Path, task: Optional[str] = None):
     cfg = RunConfig.from_dict(json.loads((run_dir / "run_config.json").read_text()))
     if task is not None:
         cfg = RunConfig.from_dict({**asdict(cfg), "task": task})
-    path = resolve_model(cfg.model)
-    causal = any(a.endswith("ForCausalLM") for a in (AutoConfig.from_pretrained(path).architectures or []))
-    run_task = load_run_task(cfg, causal)
-    tokenizer = load_tokenizer(path)
     if cfg.method == "full":
-        return load_model(run_dir, run_task.kind, len(run_task.label_names or []) or None, tokenizer), tokenizer, \
-            run_task, cfg
-    base = load_model(path, run_task.kind, len(run_task.label_names or []) or None, tokenizer)
-    return PeftModel.from_pretrained(base, run_dir), tokenizer, run_task, cfg
+        model, tokenizer, run_task = base_parts(cfg, model_path=run_dir)
+        return model, tokenizer, run_task, cfg
+    model, tokenizer, run_task = base_parts(cfg)
+    return PeftModel.from_pretrained(model, run_dir), tokenizer, run_task, cfg
