@@ -6,7 +6,8 @@ measured in the same run, with the performance targets checked.
     python benchmarks/train_step.py --model minilm --batch 16             # MiniLM all-linear, 16 x 128
     python benchmarks/train_step.py --model tiny --steps 2                # smoke test (a tiny random LLaMA)
 
-Writes ``docs/bench/train_step_<model>_<precision>.json`` and ``.md``. Time is the median of ``--steps`` steps after
+Writes ``docs/bench/train_step_<model>_<precision>.json``, ``.md`` and ``.png`` (``--replot`` redraws the last two
+from the JSON). Time is the median of ``--steps`` steps after
 one warm-up step; memory is the peak resident set size during the measured steps (``torch.cuda.max_memory_allocated``
 on a GPU). Timings on a shared CPU vary by about 15 % between runs: compare ratios from one run.
 """
@@ -171,6 +172,43 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(payload: dict, path: Path) -> None:
+    """Two panels of bars, step time and peak memory as multiples of LoRA's, with the target lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = payload["results"]
+    lora = next((r for r in results if r["method"] == "lora"), results[0])
+    names = [r["method"] for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, metric, label, target in ((axes[0], "step_seconds", "step time", 1.15), (axes[1], "peak_mib",
+                                                                                      "peak memory", 0.85)):
+        ratios = [r[metric] / lora[metric] for r in results]
+        colors = ["tab:orange" if n.startswith(("dual", "d2")) else "tab:gray" for n in names]
+        ax.bar(names, ratios, color=colors)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(target, color="tab:red", linestyle=":", label=f"Dual LoRA target ({target}x)")
+        for i, v in enumerate(ratios):
+            ax.annotate(f"{v:.2f}x", (i, v), ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, 1.3 * max(ratios))  # headroom for the labels and the legend
+        ax.set_ylabel(f"{label} / LoRA's")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(fontsize=8, loc="upper left")
+    a = payload["args"]
+    fig.suptitle(f"Training step, {a['model']}, r={a['r']}, batch {a['batch']}x{a['seq']}, {a['precision']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(payload: dict, stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    stem.with_suffix(".md").write_text(markdown(payload))
+    plot(payload, stem.with_suffix(".png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm", "tiny"])
@@ -181,8 +219,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--output-dir", default=str(DOCS))
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw the table and plot from the JSON of an earlier run of these options")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    stem = Path(args.output_dir) / f"train_step_{args.model}_{args.precision}"
+    if args.replot:
+        write_outputs(json.loads(stem.with_suffix(".json").read_text()), stem)
+        return
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return
@@ -195,7 +239,7 @@ def main() -> None:
     results = []
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--child", method] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "methods", "output_dir")]
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "methods", "output_dir", "replot")]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
@@ -204,11 +248,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     payload = {"args": vars(args), "device": device, "results": results,
                "targets": check_targets({r["method"]: r for r in results})}
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"train_step_{args.model}_{args.precision}"
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    stem.with_suffix(".md").write_text(markdown(payload))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    write_outputs(payload, stem)
     print("\n" + markdown(payload))
 
 

@@ -44,3 +44,30 @@ def test_growth_harness_writes_table_and_plot(tmp_path):
     rows = json.loads((tmp_path / "growth_tiny.json").read_text())["rows"]
     assert len(rows) == 6 and (tmp_path / "growth_tiny.png").exists()
     assert {r["r"] for r in rows if r["sweep"] == "rank"} == {8, 16}
+
+
+def test_large_layer_harness_runs_each_configuration_in_its_own_process(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "large_layer.py"), "--shapes", "64x48", "--tokens", "16",
+           "--repeats", "1", "--configs", "frozen,lora,dual-whole,dual-4MiB,d2-64MiB", "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "large_layer.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["frozen", "lora", "dual-whole", "dual-4MiB", "d2-64MiB"]
+    assert all(r["seconds"] > 0 and r["peak_mib"] > 0 for r in rows)
+    assert "| 64x48 | dual-4MiB | 1 |" in (tmp_path / "large_layer.md").read_text()  # a small layer: one block
+
+
+def test_train_step_replot_redraws_from_the_json(tmp_path):
+    payload = {"args": {"model": "tiny", "r": 4, "batch": 2, "seq": 8, "precision": "fp32", "steps": 1},
+               "device": "CPU", "results": [{"method": "lora", "step_seconds": 1.0, "peak_mib": 100.0,
+                                             "trainable_params": 10},
+                                            {"method": "dual", "step_seconds": 1.2, "peak_mib": 80.0,
+                                             "trainable_params": 10}],
+               "targets": []}
+    (tmp_path / "train_step_tiny_fp32.json").write_text(json.dumps(payload))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--model", "tiny", "--replot",
+           "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| dual | 10 | 1.200 s | 1.20x | 80 MiB | 0.80x |" in (tmp_path / "train_step_tiny_fp32.md").read_text()
+    assert (tmp_path / "train_step_tiny_fp32.png").stat().st_size > 0

@@ -8,11 +8,13 @@ import torch
 from duallora.functional import (
     D2LoraLinearFunction,
     DualLoraLinearFunction,
+    KernelOptions,
     d2_unmerge,
     d2_unit_scale,
     d2_weight,
     dual_delta_weight,
     dual_warmup_coef,
+    row_blocks,
     sign_pm1,
     unit_norm,
 )
@@ -282,3 +284,73 @@ def test_functions_are_right_for_a_transposed_base_weight(axis):
     coef = torch.tensor(0.6)
     y = DualLoraLinearFunction.apply(x, w0, None, A, B, C, D, coef, True, "relu", "sign", "clip")
     torch.testing.assert_close(y, reference_dual_linear(x, w0, None, A, B, C, D, coef, "relu", "sign", "clip"))
+
+
+# ----------------------------------------------------------------------------- row blocks
+def test_rows_per_block_follows_the_bound_and_the_layer_size():
+    kernel = KernelOptions(block_mib=64)
+    assert kernel.rows_per_block(4096, 11008, 4) == 1524  # 64 MiB / (11008 * 4 bytes): 3 blocks
+    assert kernel.rows_per_block(11008, 4096, 4) == 4096  # 3 blocks the other way round
+    assert kernel.rows_per_block(4096, 11008, 2) == 3048  # bf16 factors: twice the rows
+    assert kernel.rows_per_block(576, 1536, 4) == 576  # a SmolLM2 layer fits whole: no blocking
+    assert KernelOptions(block_mib=None).rows_per_block(4096, 11008, 4) == 4096
+    assert KernelOptions(block_mib=1e-6).rows_per_block(4096, 11008, 4) == 1  # never zero rows
+    assert row_blocks(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+
+
+def _blocked_and_whole(function, leaves, args_before, args_after, rows, grad_seed=0):
+    """Outputs and gradients of ``function`` with ``rows`` rows per block and with whole matrices."""
+    results = []
+    for kernel in (KernelOptions(block_mib=rows * leaves[1].shape[1] * 8 / 2**20), KernelOptions(block_mib=None)):
+        ls = [t.clone().requires_grad_() for t in leaves]
+        y = function.apply(*ls[:3], *args_before(ls), *args_after, kernel)
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=y.dtype) * 3
+        results.append((y, torch.autograd.grad(y, ls, grad_out, allow_unused=True)))
+    return results
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 6])  # 4: an uneven last block; 6: one block (the whole matrix)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_dual_row_blocks_give_the_whole_matrix_results(rows, with_base):
+    x, w0, bias, A, B, C, D = _dual_inputs()
+    coef = torch.tensor(0.7, dtype=torch.float64)
+    (y, grads), (y_ref, grads_ref) = _blocked_and_whole(
+        DualLoraLinearFunction, [x, w0, bias, A, B, C, D], lambda ls: ls[3:], (coef, with_base, "relu", "sign",
+                                                                                "clip"), rows)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name, g, e in zip(["x", "w0", "bias", "A", "B", "C", "D"], grads, grads_ref):
+        if e is None:
+            assert g is None, name
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("rows", [1, 4, 6])
+@pytest.mark.parametrize("detach", [False, True])
+def test_d2_row_blocks_give_the_whole_matrix_results(rows, detach):
+    x, w0, bias, Ap, Bp, An, Bn = _d2_inputs(seed=3)
+    n0 = unit_norm(w0, "out")
+    (y, grads), (y_ref, grads_ref) = _blocked_and_whole(
+        D2LoraLinearFunction, [x, w0, bias, Ap, Bp, An, Bn], lambda ls: ls[3:], (n0, 0.8, 0.5, "out", detach, True),
+        rows)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name, g, e in zip(["x", "w0", "bias", "A_pos", "B_pos", "A_neg", "B_neg"], grads, grads_ref):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
+
+
+def test_row_blocks_are_right_for_a_transposed_base_weight_and_a_column_norm():
+    """Conv1D's transposed W0 sliced by rows, and D2's 'in' axis (whole columns: built at once whatever the bound)."""
+    g = torch.Generator().manual_seed(12)
+    w0 = (torch.randn(48, 32, generator=g, dtype=torch.float64) * 0.1).t()
+    x = torch.randn(2, 5, 48, generator=g, dtype=torch.float64)
+    A, B, C, D = (torch.randn(*s, generator=g, dtype=torch.float64) * 0.3 for s in ((3, 48), (32, 3), (3, 48), (32, 3)))
+    coef = torch.tensor(0.6, dtype=torch.float64)
+    small = KernelOptions(block_mib=5 * 48 * 8 / 2**20)  # 5 rows per block
+    y = DualLoraLinearFunction.apply(x, w0, None, A, B, C, D, coef, True, "relu", "sign", "clip", small)
+    torch.testing.assert_close(y, reference_dual_linear(x, w0, None, A, B, C, D, coef, "relu", "sign", "clip"))
+    Ap, Bp, An, Bn = (torch.randn(*s, generator=g, dtype=torch.float64) * 0.1
+                      for s in ((32, 4), (4, 48), (32, 4), (4, 48)))
+    for axis in ("out", "in"):
+        y = D2LoraLinearFunction.apply(x, w0, None, Ap, Bp, An, Bn, unit_norm(w0, axis), 2.0, 0.5, axis, False, True,
+                                       small)
+        torch.testing.assert_close(y, reference_d2_linear(x, w0, None, Ap, Bp, An, Bn, 2.0, 0.5, axis, False))

@@ -538,3 +538,29 @@ def test_bf16_weight_gradient_is_close_to_float32(method, inputs):
 def test_unknown_weight_grad_dtype_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"`weight_grad_dtype` must be one of \['float32', 'bfloat16', 'float16'\]"):
         DualLoraConfig(weight_grad_dtype="int8")
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_row_blocks_through_peft_give_the_same_loss_and_gradients(method, inputs):
+    """block_mib reaches the layers: a bound of 2 KiB splits every 64 x 32 / 32 x 64 layer into several blocks."""
+    results = []
+    for block_mib in (None, 2 / 1024):
+        model = adapted("gpt2", method, block_mib=block_mib)  # GPT-2: Conv1D's transposed W0 sliced by rows
+        model.train()
+        loss = model(inputs, labels=inputs).loss
+        loss.backward()
+        results.append((loss, [p.grad for p in model.parameters() if p.requires_grad]))
+        layer = model.base_model.model.transformer.h[0].mlp.c_fc
+        kernel = layer.kernel_options["default"]
+        assert kernel.block_mib == block_mib
+        if block_mib is not None:
+            assert kernel.rows_per_block(layer.out_features, layer.in_features, 4) < layer.out_features
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    for blocked, whole in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "64"])
+def test_block_mib_out_of_range_names_the_field(value):
+    with pytest.raises(ValueError, match=r"`block_mib` must be > 0 \(or None: no blocking\)"):
+        DualLoraConfig(block_mib=value)

@@ -86,6 +86,15 @@ class WeightAdapterConfig(PeftConfig):
         },
     )
 
+    block_mib: Optional[float] = field(
+        default=64.0,
+        metadata={
+            "help": "Upper bound in MiB on each out x in matrix the memory-efficient path holds: dW, its weight "
+            "gradient and the branch gradients are built for a block of output rows at a time, the rows chosen so "
+            "that one block fits (a 4096 x 11008 float32 layer: 3 blocks at 64). None: whole matrices at once."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.target_modules, list):
@@ -102,6 +111,9 @@ class WeightAdapterConfig(PeftConfig):
         check_choice("bias", self.bias, ("none", "all"))
         if self.weight_grad_dtype is not None:
             check_choice("weight_grad_dtype", self.weight_grad_dtype, WEIGHT_GRAD_DTYPES)
+        if self.block_mib is not None:
+            check_range("block_mib", self.block_mib, "> 0 (or None: no blocking)",
+                        _is_number(self.block_mib) and self.block_mib > 0)
         for key, rank in (self.rank_pattern or {}).items():
             self.check_rank(f"rank_pattern[{key!r}]", rank)
         for key, alpha in (self.alpha_pattern or {}).items():

@@ -63,7 +63,7 @@ class D2LoraLayer(AdaptedLayer):
 
     prefix = "d2_lora_"
     adapter_layer_names = ("d2_lora_A_pos", "d2_lora_B_pos", "d2_lora_A_neg", "d2_lora_B_neg")
-    other_param_names = ("d2_lora_dropout", "d2_options", "memory_efficient", "weight_grad_dtype")
+    other_param_names = ("d2_lora_dropout", "d2_options", "memory_efficient", "kernel_options")
     factor_dims = {"d2_lora_A_pos": ("out", None), "d2_lora_B_pos": (None, "in"),
                    "d2_lora_A_neg": ("out", None), "d2_lora_B_neg": (None, "in")}
 
@@ -102,7 +102,7 @@ class D2LoraLayer(AdaptedLayer):
         opts = self.d2_options[adapter_name]
         return D2LoraLinearFunction.apply(
             x, w0, bias, *self.factors(adapter_name), self._input_norm(adapter_name, w0),
-            opts.scaling, opts.tau, opts.norm_axis, opts.detach_norm, with_base, self.weight_grad_dtype[adapter_name],
+            opts.scaling, opts.tau, opts.norm_axis, opts.detach_norm, with_base, self.kernel_options[adapter_name],
         )
 
     def merge_weight(self, adapter_name: str, w_in: torch.Tensor):

@@ -149,7 +149,7 @@ class DualLoraLayer(AdaptedLayer):
     prefix = "dual_lora_"
     adapter_layer_names = ("dual_lora_A", "dual_lora_B", "dual_lora_C", "dual_lora_D")
     other_param_names = ("dual_lora_step", "dual_lora_dropout", "dual_options", "memory_efficient",
-                         "weight_grad_dtype")
+                         "kernel_options")
     # which dimension of the base layer each factor's shape carries (checked when loading a saved adapter)
     factor_dims = {"dual_lora_A": (None, "in"), "dual_lora_B": ("out", None),
                    "dual_lora_C": (None, "in"), "dual_lora_D": ("out", None)}
@@ -206,7 +206,7 @@ class DualLoraLayer(AdaptedLayer):
         opts = self.dual_options[adapter_name]
         return DualLoraLinearFunction.apply(
             x, w0, bias, *self.factors(adapter_name), self.warmup_coef(adapter_name), with_base,
-            opts.magnitude_activation, opts.direction_activation, opts.ste, self.weight_grad_dtype[adapter_name],
+            opts.magnitude_activation, opts.direction_activation, opts.ste, self.kernel_options[adapter_name],
         )
 
     def unmerge_weight(self, adapter_name: str, w_out: torch.Tensor, state) -> torch.Tensor:

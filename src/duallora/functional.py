@@ -24,6 +24,9 @@ factors: the ``out x in`` matrices are rebuilt inside ``backward`` (METHODS.md, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -266,21 +269,76 @@ def _dense(w0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w0.to(dtype).contiguous()
 
 
-def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype,
-                 matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``G = g^T x`` summed over all tokens, returned in the factors' dtype (float32 under bf16 autocast: the
-    elementwise work after it needs the range). ``matmul_dtype`` (e.g. bfloat16) runs this one matmul, the
-    largest extra cost over LoRA, in lower precision even in a float32 run."""
-    matmul_dtype = matmul_dtype or grad_out.dtype
-    x2 = x.reshape(-1, x.shape[-1]).to(matmul_dtype)
-    g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(matmul_dtype)
-    return (g2.t() @ x2).to(dtype)
+@dataclass(frozen=True)
+class KernelOptions:
+    """How the memory-efficient Functions compute (never what): the dtype of the weight-gradient matmul and the
+    bound on each ``out x in`` transient, which sets how many rows of ``dW`` are built at once."""
+
+    weight_grad_dtype: Optional[torch.dtype] = None  # None: the compute dtype
+    block_mib: Optional[float] = 64.0  # None: whole matrices at once
+
+    def rows_per_block(self, out_features: int, in_features: int, element_size: int) -> int:
+        """The most rows whose ``rows x in`` matrix fits in ``block_mib`` (at least one, at most all)."""
+        if self.block_mib is None:
+            return out_features
+        return max(1, min(out_features, int(self.block_mib * 2**20) // (in_features * element_size)))
 
 
-def _input_and_bias_grads(ctx, grad_out, weight, x, bias_needed):
-    grad_x = (grad_out @ weight.to(grad_out.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
-    grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if bias_needed else None
-    return grad_x, grad_b
+DEFAULT_KERNEL = KernelOptions()
+
+
+def row_blocks(rows: int, per_block: int) -> list[slice]:
+    """Consecutive row slices of at most ``per_block`` rows covering ``rows``."""
+    return [slice(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
+
+
+def _matrix(t: torch.Tensor) -> torch.Tensor:
+    """Tokens as rows: ``(..., features)`` -> ``(tokens, features)``."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _blocked_linear(x2: torch.Tensor, weight_rows, bias: Optional[torch.Tensor], blocks: list[slice]) -> torch.Tensor:
+    """``x W^T + b`` where ``weight_rows(s)`` builds the rows ``s`` of ``W``: only one block of ``W`` exists at once."""
+    if len(blocks) == 1:  # the common case: no output buffer to fill
+        return F.linear(x2, weight_rows(blocks[0]), bias)
+    y = x2.new_empty(x2.shape[0], blocks[-1].stop)
+    for s in blocks:
+        y[:, s] = F.linear(x2, weight_rows(s), None if bias is None else bias[s])
+    return y
+
+
+class _BlockedBackward:
+    """The parts of a blocked backward that do not depend on the method: per row block ``s``, the slice of the
+    weight gradient ``G[s] = g[:, s]^T x`` (in ``kernel.weight_grad_dtype`` if set, returned in the factors' dtype:
+    float32 under bf16 autocast, as the elementwise work after it needs the range) and the input gradient
+    ``gx = sum_s g[:, s] W[s]``, accumulated in place."""
+
+    def __init__(self, x: torch.Tensor, grad_out: torch.Tensor, factor_dtype: torch.dtype, kernel: KernelOptions,
+                 input_grad: bool):
+        self.x, self.g = _matrix(x), _matrix(grad_out)
+        matmul_dtype = kernel.weight_grad_dtype or grad_out.dtype
+        self.x_mm, self.g_mm = self.x.to(matmul_dtype), self.g.to(matmul_dtype)
+        self.factor_dtype = factor_dtype
+        self.grad_x = torch.zeros_like(self.x, dtype=grad_out.dtype) if input_grad else None
+
+    def weight_grad(self, s: slice) -> torch.Tensor:
+        return (self.g_mm[:, s].t() @ self.x_mm).to(self.factor_dtype)
+
+    def add_input_grad(self, s: slice, weight_rows: torch.Tensor) -> None:
+        self.grad_x.addmm_(self.g[:, s], weight_rows.to(self.grad_x.dtype))
+
+    def input_grad(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.grad_x is None else self.grad_x.reshape(x.shape).to(x.dtype)
+
+
+def _bias_grad(grad_out: torch.Tensor) -> torch.Tensor:
+    return _matrix(grad_out).sum(0)
+
+
+def _blocks_for(w0: torch.Tensor, factor_dtype: torch.dtype, kernel: KernelOptions, whole: bool = False) -> list[slice]:
+    out_features, in_features = w0.shape
+    per_block = out_features if whole else kernel.rows_per_block(out_features, in_features, factor_dtype.itemsize)
+    return row_blocks(out_features, per_block)
 
 
 class DualLoraLinearFunction(torch.autograd.Function):
@@ -293,42 +351,53 @@ class DualLoraLinearFunction(torch.autograd.Function):
         Gd = STE(coef * G * m(P))             -> dD = Gd C^T,  dC = D^T Gd
         gx = g (W0 + dW)
 
-    The elementwise parts (building W; Gm and Gd from G) run as fused loops (:mod:`duallora.fused`).
+    Every ``out x in`` matrix (P, Q, W, G, Gm, Gd) is built for a block of output rows at a time: row ``i`` of each
+    depends on row ``i`` of B, D, W0 and g only, so the blocks are independent and their factor gradients add up.
+    ``kernel.block_mib`` bounds one block matrix. The elementwise parts run as fused loops (:mod:`duallora.fused`).
     """
 
     @staticmethod
     def forward(ctx, x, w0, bias, A, B, C, D, coef, with_base, magnitude_activation, direction_activation, ste,
-                weight_grad_dtype=None):
+                kernel=DEFAULT_KERNEL):
         compute_dtype = autocast_dtype(x)
+
+        def weight_rows(s):
+            return _build_weight(B[s] @ A, D[s] @ C, _dense(w0[s], A.dtype), coef, magnitude_activation,
+                                 direction_activation, with_base).to(compute_dtype)
+
         with torch.autocast(x.device.type, enabled=False):
-            weight = _build_weight(B @ A, D @ C, _dense(w0, A.dtype), coef, magnitude_activation,
-                                   direction_activation, with_base)
-            weight = weight.to(compute_dtype)
-            y = F.linear(x.to(compute_dtype), weight, None if bias is None else bias.to(compute_dtype))
+            y = _blocked_linear(_matrix(x).to(compute_dtype), weight_rows,
+                                None if bias is None else bias.to(compute_dtype), _blocks_for(w0, A.dtype, kernel))
         ctx.save_for_backward(x, w0, A, B, C, D, coef)
-        ctx.options = (with_base, magnitude_activation, direction_activation, ste, bias is not None, weight_grad_dtype)
+        ctx.options = (with_base, magnitude_activation, direction_activation, ste, bias is not None, kernel)
         ctx.compute_dtype = compute_dtype
-        return y
+        return y.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w0, A, B, C, D, coef = ctx.saved_tensors
-        with_base, mag_name, dir_name, ste, has_bias, weight_grad_dtype = ctx.options
+        with_base, mag_name, dir_name, ste, has_bias, kernel = ctx.options
         grad_out = grad_out.to(ctx.compute_dtype)
+        grad_w0 = torch.empty_like(w0) if (ctx.needs_input_grad[1] and with_base) else None
+        grad_A, grad_C = torch.zeros_like(A), torch.zeros_like(C)
+        grad_B, grad_D = torch.empty_like(B), torch.empty_like(D)
         with torch.autocast(x.device.type, enabled=False):
-            p, q = B @ A, D @ C  # rebuilt once, shared by the input and the factor gradients
-            grad_x, grad_b = None, None
-            if ctx.needs_input_grad[0] or (has_bias and ctx.needs_input_grad[2]):
-                weight = _build_weight(p, q, _dense(w0, A.dtype), coef, mag_name, dir_name, with_base)
-                grad_x, grad_b = _input_and_bias_grads(ctx, grad_out, weight, x, has_bias and ctx.needs_input_grad[2])
-                del weight  # at most P, Q, G and the two branch gradients alive at once
-            g = _weight_grad(x, grad_out, A.dtype, weight_grad_dtype)
-            grad_w0 = g.to(w0.dtype, copy=True) if (ctx.needs_input_grad[1] and with_base) else None
-            g_m, g_d = _product_grads(g, p, q, coef, mag_name, dir_name, ste)
-            del g, p, q
-            grad_B, grad_A = g_m @ A.t(), B.t() @ g_m
-            grad_D, grad_C = g_d @ C.t(), D.t() @ g_d
-        return grad_x, grad_w0, grad_b, grad_A, grad_B, grad_C, grad_D, None, None, None, None, None, None
+            work = _BlockedBackward(x, grad_out, A.dtype, kernel, ctx.needs_input_grad[0])
+            for s in _blocks_for(w0, A.dtype, kernel):
+                p, q = B[s] @ A, D[s] @ C  # rebuilt once per block, shared by the input and the factor gradients
+                if work.grad_x is not None:
+                    work.add_input_grad(s, _build_weight(p, q, _dense(w0[s], A.dtype), coef, mag_name, dir_name,
+                                                         with_base))
+                g = work.weight_grad(s)
+                if grad_w0 is not None:
+                    grad_w0[s] = g
+                g_m, g_d = _product_grads(g, p, q, coef, mag_name, dir_name, ste)
+                del g, p, q  # at most P, Q, G and the two branch gradients of one block alive at once
+                grad_B[s], grad_D[s] = g_m @ A.t(), g_d @ C.t()
+                grad_A.addmm_(B[s].t(), g_m)
+                grad_C.addmm_(D[s].t(), g_d)
+        grad_b = _bias_grad(grad_out) if (has_bias and ctx.needs_input_grad[2]) else None
+        return (work.input_grad(x), grad_w0, grad_b, grad_A, grad_B, grad_C, grad_D) + (None,) * 6
 
 
 # one fused loop each over the out x in matrices (see duallora.fused)
@@ -340,47 +409,59 @@ class D2LoraLinearFunction(torch.autograd.Function):
     """``y = x W_hat^T + b`` (or ``x (W_hat - W0)^T`` when ``with_base`` is False) for D2-LoRA.
 
     Saves ``x`` and the factors only; backward rebuilds the branch products and takes the gradient through the
-    norm projection with :func:`d2_product_grads`. The elementwise parts run as fused loops (:mod:`duallora.fused`).
+    norm projection with :func:`d2_product_grads`. With ``norm_axis="out"`` each output row is projected on its
+    own, so the ``out x in`` matrices are built in row blocks as for Dual LoRA; ``norm_axis="in"`` normalises whole
+    columns and builds them at once. The elementwise parts run as fused loops (:mod:`duallora.fused`).
     """
 
     @staticmethod
     def forward(ctx, x, w0, bias, A_pos, B_pos, A_neg, B_neg, w0_norm, scale, tau, norm_axis, detach_norm, with_base,
-                weight_grad_dtype=None):
+                kernel=DEFAULT_KERNEL):
         compute_dtype = autocast_dtype(x)
+        blocks = _blocks_for(w0, A_pos.dtype, kernel, whole=norm_axis == "in")
+
+        def weight_rows(s):
+            norm = w0_norm[s] if norm_axis == "out" else w0_norm
+            return _build_d2_weight(A_pos[s] @ B_pos, A_neg[s] @ B_neg, _dense(w0[s], A_pos.dtype), norm, scale, tau,
+                                    norm_axis, detach_norm, with_base).to(compute_dtype)
+
         with torch.autocast(x.device.type, enabled=False):
-            weight = _build_d2_weight(A_pos @ B_pos, A_neg @ B_neg, _dense(w0, A_pos.dtype), w0_norm, scale, tau,
-                                      norm_axis, detach_norm, with_base)
-            y = F.linear(x.to(compute_dtype), weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
+            y = _blocked_linear(_matrix(x).to(compute_dtype), weight_rows,
+                                None if bias is None else bias.to(compute_dtype), blocks)
         ctx.save_for_backward(x, w0, A_pos, B_pos, A_neg, B_neg, w0_norm)
-        ctx.options = (scale, tau, norm_axis, detach_norm, with_base, bias is not None, weight_grad_dtype)
+        ctx.options = (scale, tau, norm_axis, detach_norm, with_base, bias is not None, kernel)
         ctx.compute_dtype = compute_dtype
-        return y
+        return y.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w0, A_pos, B_pos, A_neg, B_neg, w0_norm = ctx.saved_tensors
-        scale, tau, norm_axis, detach_norm, with_base, has_bias, weight_grad_dtype = ctx.options
+        scale, tau, norm_axis, detach_norm, with_base, has_bias, kernel = ctx.options
         grad_out = grad_out.to(ctx.compute_dtype)
+        grad_w0 = torch.empty_like(w0) if ctx.needs_input_grad[1] else None
+        grad_A_pos, grad_A_neg = torch.empty_like(A_pos), torch.empty_like(A_neg)
+        grad_B_pos, grad_B_neg = torch.zeros_like(B_pos), torch.zeros_like(B_neg)
         with torch.autocast(x.device.type, enabled=False):
-            pos, neg, w0f = A_pos @ B_pos, A_neg @ B_neg, _dense(w0, A_pos.dtype)
-            grad_x, grad_b = None, None
-            if ctx.needs_input_grad[0] or (has_bias and ctx.needs_input_grad[2]):
-                weight = _build_d2_weight(pos, neg, w0f, w0_norm, scale, tau, norm_axis, detach_norm, with_base)
-                grad_x, grad_b = _input_and_bias_grads(ctx, grad_out, weight, x, has_bias and ctx.needs_input_grad[2])
-                del weight
-            g = _weight_grad(x, grad_out, A_pos.dtype, weight_grad_dtype)
-            g_dw, g_prime = _d2_product_grads(g, pos, neg, w0f, w0_norm, scale, tau, norm_axis, detach_norm)
-            del pos, neg
-            grad_w0 = None
-            if ctx.needs_input_grad[1]:  # y sees W0 through W' (and, without the base term, minus W0 itself)
-                grad_w0 = (g_prime if with_base else g_prime - g).to(w0.dtype, copy=True)
-            del g, g_prime
-            g_dw = g_dw.to(A_pos.dtype)  # n(W0) is float32 even for bf16 factors: back to the factors' dtype
-            grad_A_pos = scale * (g_dw @ B_pos.t())
-            grad_B_pos = scale * (A_pos.t() @ g_dw)
-            grad_A_neg = (-scale * tau) * (g_dw @ B_neg.t())
-            grad_B_neg = (-scale * tau) * (A_neg.t() @ g_dw)
-        return (grad_x, grad_w0, grad_b, grad_A_pos, grad_B_pos, grad_A_neg, grad_B_neg) + (None,) * 7
+            work = _BlockedBackward(x, grad_out, A_pos.dtype, kernel, ctx.needs_input_grad[0])
+            for s in _blocks_for(w0, A_pos.dtype, kernel, whole=norm_axis == "in"):
+                pos, neg, w0f = A_pos[s] @ B_pos, A_neg[s] @ B_neg, _dense(w0[s], A_pos.dtype)
+                norm = w0_norm[s] if norm_axis == "out" else w0_norm
+                if work.grad_x is not None:
+                    work.add_input_grad(s, _build_d2_weight(pos, neg, w0f, norm, scale, tau, norm_axis, detach_norm,
+                                                            with_base))
+                g = work.weight_grad(s)
+                g_dw, g_prime = _d2_product_grads(g, pos, neg, w0f, norm, scale, tau, norm_axis, detach_norm)
+                del pos, neg
+                if grad_w0 is not None:  # y sees W0 through W' (and, without the base term, minus W0 itself)
+                    grad_w0[s] = g_prime if with_base else g_prime - g
+                del g, g_prime
+                g_dw = g_dw.to(A_pos.dtype)  # n(W0) is float32 even for bf16 factors: back to the factors' dtype
+                grad_A_pos[s] = scale * (g_dw @ B_pos.t())
+                grad_A_neg[s] = (-scale * tau) * (g_dw @ B_neg.t())
+                grad_B_pos.addmm_(A_pos[s].t(), g_dw, alpha=scale)
+                grad_B_neg.addmm_(A_neg[s].t(), g_dw, alpha=-scale * tau)
+        grad_b = _bias_grad(grad_out) if (has_bias and ctx.needs_input_grad[2]) else None
+        return (work.input_grad(x), grad_w0, grad_b, grad_A_pos, grad_B_pos, grad_A_neg, grad_B_neg) + (None,) * 7
 
 
 _build_d2_weight = fused(d2_weight_from_products)

@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .functional import autocast_dtype
+from .functional import KernelOptions, autocast_dtype
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 
@@ -50,7 +50,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         self.transposed = isinstance(base_layer, Conv1D)
         self.out_features, self.in_features = self.base_weight().shape
         self.memory_efficient: dict[str, bool] = {}
-        self.weight_grad_dtype: dict[str, Optional[torch.dtype]] = {}
+        self.kernel_options: dict[str, KernelOptions] = {}
         setattr(self, self.prefix + "dropout", nn.ModuleDict())  # under the method's prefix, as PEFT expects
         self._eval_cache: Optional[tuple[tuple, torch.Tensor]] = None
         self._merge_state: dict[str, Any] = {}  # what unmerge needs, per merged adapter
@@ -103,7 +103,8 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config, **layer_kwargs) -> None:
         """Add an adapter: its factors, dropout and options (called for the first and every later adapter)."""
         self.memory_efficient[adapter_name] = config.memory_efficient
-        self.weight_grad_dtype[adapter_name] = getattr(torch, config.weight_grad_dtype or "", None)
+        self.kernel_options[adapter_name] = KernelOptions(getattr(torch, config.weight_grad_dtype or "", None),
+                                                          config.block_mib)
         self.dropouts[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.create_adapter(adapter_name, config, **layer_kwargs)
         self._move_adapter_to_device_of_base_layer(adapter_name)
