@@ -15,8 +15,10 @@ SECTIONS = [
     ("Training step, SmolLM2-135M, bf16 autocast", "train_step_smollm2_bf16"),
     ("Training step, MiniLM, float32", "train_step_minilm_fp32"),
     ("One layer, against the cost model", "one_layer"),
+    ("Large layers in row blocks (LLaMA-7B MLP shapes)", "large_layer"),
     ("Inference, SmolLM2-135M", "inference_smollm2"),
     ("Growth with rank and sequence length, SmolLM2-135M", "growth_smollm2"),
+    ("Memory per GPU at scale, LLaMA-2 7B and 70B (arithmetic model)", "memory_per_gpu"),
 ]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

@@ -107,7 +107,7 @@ def test_resumed_run_ends_with_the_same_adapter(tiny_checkpoints, tiny_csv, tmp_
 
     train(config(tmp_path / "straight"), progress=False)
 
-    def interrupt(step):
+    def interrupt(step, model):
         if step == 5:
             raise KeyboardInterrupt
 

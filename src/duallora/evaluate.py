@@ -14,29 +14,65 @@ PRIMARY_METRIC = {"classification": "accuracy", "multiple_choice": "accuracy", "
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task: Task, examples: list[Example], max_length: int = 128,
-             batch_size: int = 32, max_new_tokens: int = 48) -> dict[str, float]:
-    """Scores of ``model`` on ``examples``; the model is put in eval mode and left there."""
+             batch_size: int = 32, max_new_tokens: int = 48, accelerator=None) -> dict[str, float]:
+    """Scores of ``model`` on ``examples``; the model is put in eval mode and left there.
+
+    With an ``accelerator`` of several processes each scores an equal share of the examples and the per-example
+    outcomes are gathered, so every process returns the scores of the whole set (and, under FSDP, every process
+    runs the same number of forward passes, as the sharded weights' all-gathers require).
+    """
     model.eval()
+    share = _share(examples, accelerator)
     if task.kind == "classification":
-        return {"accuracy": _classification_accuracy(model, tokenizer, task, examples, max_length, batch_size)}
-    if task.kind == "multiple_choice":
-        return {"accuracy": _choice_accuracy(model, tokenizer, task, examples, max_length, batch_size)}
-    return _generation_scores(model, tokenizer, task, examples, max_length, batch_size, max_new_tokens)
+        outcomes = _classification_correct(model, tokenizer, task, share, max_length, batch_size)
+    elif task.kind == "multiple_choice":
+        outcomes = _choice_correct(model, tokenizer, task, share, max_length)
+    else:
+        outcomes = _generate(model, tokenizer, task, share, max_length, batch_size, max_new_tokens,
+                             synced=_processes(accelerator) > 1)
+    outcomes = _gather(outcomes, accelerator)[:len(examples)]
+    if task.kind == "generation":
+        return generation_scores(outcomes, examples)
+    return {"accuracy": sum(outcomes) / max(1, len(examples))}
+
+
+def _processes(accelerator) -> int:
+    return 1 if accelerator is None else accelerator.num_processes
+
+
+def _share(examples: list[Example], accelerator) -> list[Example]:
+    """This process's contiguous share, padded with the last example so that every share has the same length
+    (the padding's outcomes fall beyond ``len(examples)`` after the gather and are dropped)."""
+    n = _processes(accelerator)
+    if n == 1 or not examples:
+        return examples
+    size = -(-len(examples) // n)
+    share = examples[accelerator.process_index * size:(accelerator.process_index + 1) * size]
+    return share + [examples[-1]] * (size - len(share))
+
+
+def _gather(outcomes: list, accelerator) -> list:
+    """Every process's outcomes, in process order (= the examples' order, the shares being contiguous)."""
+    if _processes(accelerator) == 1:
+        return outcomes
+    from accelerate.utils import gather_object
+
+    return gather_object(outcomes)
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _classification_accuracy(model, tokenizer, task, examples, max_length, batch_size) -> float:
-    correct = 0
+def _classification_correct(model, tokenizer, task, examples, max_length, batch_size) -> list[bool]:
+    correct = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         batch = collate([encode_for_training(task, tokenizer, e, max_length) for e in chunk], tokenizer.pad_token_id)
         labels = batch.pop("labels")
         logits = model(**{k: v.to(_device(model)) for k, v in batch.items()}).logits
-        correct += (logits.argmax(-1).cpu() == labels).sum().item()
-    return correct / max(1, len(examples))
+        correct += (logits.argmax(-1).cpu() == labels).tolist()
+    return correct
 
 
 def choice_log_likelihoods(model, tokenizer, prompt_text: str, choices: list[str], max_length: int) -> torch.Tensor:
@@ -52,18 +88,14 @@ def choice_log_likelihoods(model, tokenizer, prompt_text: str, choices: list[str
     return (picked * mask).sum(-1).cpu()
 
 
-def _choice_accuracy(model, tokenizer, task, examples, max_length, batch_size) -> float:
-    correct = 0
-    for e in examples:
-        scores = choice_log_likelihoods(model, tokenizer, prompt(task, e), e.choices, max_length)
-        correct += int(scores.argmax().item() == e.label)
-    return correct / max(1, len(examples))
+def _choice_correct(model, tokenizer, task, examples, max_length) -> list[bool]:
+    return [choice_log_likelihoods(model, tokenizer, prompt(task, e), e.choices, max_length).argmax().item() == e.label
+            for e in examples]
 
 
-def _generation_scores(model, tokenizer, task, examples, max_length, batch_size, max_new_tokens) -> dict:
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
+def _generate(model, tokenizer, task, examples, max_length, batch_size, max_new_tokens, synced: bool) -> list[str]:
+    """Greedy continuations, first line only. ``synced`` keeps every process stepping until all are done (the
+    processes' forward passes must pair up when the weights are sharded)."""
     hypotheses = []
     tokenizer.padding_side = "left"  # generation continues from the last prompt token
     try:
@@ -73,11 +105,19 @@ def _generation_scores(model, tokenizer, task, examples, max_length, batch_size,
                             max_length=max_length).to(_device(model))
             enc = {k: enc[k] for k in ("input_ids", "attention_mask")}  # causal LMs take no token_type_ids
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             hypotheses += [t.strip().split("\n")[0] for t in texts]
     finally:
         tokenizer.padding_side = "right"
+    return hypotheses
+
+
+def generation_scores(hypotheses: list[str], examples: list[Example]) -> dict:
+    """Corpus BLEU (sacrebleu, every reference) and mean best ROUGE-L F1 over the references, both in 0-100."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
     n_refs = max(len(e.references) for e in examples)
     # sacrebleu takes one stream per reference index; a shorter list repeats its first reference
     streams = [[e.references[k] if k < len(e.references) else e.references[0] for e in examples] for k in range(n_refs)]

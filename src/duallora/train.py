@@ -177,7 +177,8 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool, accelerator) -> Path:
+    """Check (every process, so that all raise alike) and clear (the main process only) the output directory."""
     out = Path(cfg.output_dir)
     earlier = [name for name in RUN_FILES if (out / name).exists()]
     if earlier and not (resume or overwrite):
@@ -185,12 +186,29 @@ def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
             f"{out} holds an earlier run ({', '.join(earlier)}). Pass --resume to continue it or --overwrite to "
             "replace it."
         )
-    if overwrite and not resume:
-        for name in earlier:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        if overwrite and not resume:
+            for name in earlier:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     return out
+
+
+def make_accelerator(grad_accum: int):
+    """The accelerate state of this process. Launched as several processes on a machine without an accelerator
+    (``torchrun``/``accelerate launch`` on CPUs), accelerate needs ``cpu=True`` to set up its gloo process group."""
+    from accelerate import Accelerator
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(gradient_accumulation_steps=grad_accum, cpu=several and not torch.cuda.is_available())
+
+
+def full_state_dict(model, accelerator) -> dict:
+    """The model's whole state dict on the main process (gathered from the shards under FSDP; every process must
+    call this, the gather is collective)."""
+    return accelerator.get_state_dict(model)
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
@@ -218,12 +236,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def publish_weights(model, out: Path) -> None:
+def publish_weights(model, out: Path, state_dict: Optional[dict] = None) -> None:
     """Put the final weights (the adapter in PEFT format, or the full model) into the output directory, each file
     written under a temporary name first and renamed into place."""
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         for item in staging.iterdir():
             os.replace(item, out / item.name)
     finally:
@@ -254,34 +272,47 @@ def peak_memory_mib() -> float:
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          on_step: Optional[Callable[[int], None]] = None) -> dict:
-    """Run one fine-tuning; returns the metrics also written to ``metrics.json``."""
-    from accelerate import Accelerator
+          on_step: Optional[Callable[[int, torch.nn.Module], None]] = None) -> dict:
+    """Run one fine-tuning; returns the metrics also written to ``metrics.json``. ``on_step(step, model)`` is
+    called after every optimizer step (with the prepared model).
+
+    Under ``torchrun``/``accelerate launch`` every process runs this with the same arguments: each takes its slice
+    of every global batch, gradients are averaged by accelerate (DDP, FSDP), the losses and costs are reduced
+    across processes, and only the main process writes files and shows progress."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     cfg.validate()
-    out = prepare_output_dir(cfg, resume, overwrite)
-    if resume and (out / "run_config.json").exists():
-        saved = json.loads((out / "run_config.json").read_text())
-        cfg = RunConfig.from_dict({**saved, "output_dir": cfg.output_dir})
+    saved_config = Path(cfg.output_dir) / "run_config.json"
+    if resume and saved_config.exists():
+        cfg = RunConfig.from_dict({**json.loads(saved_config.read_text()), "output_dir": cfg.output_dir})
     # bf16 through torch.autocast below rather than accelerate's mixed_precision, which is fixed once per process
     # (a second in-process run with another setting would be refused)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = make_accelerator(cfg.grad_accum)
+    out = prepare_output_dir(cfg, resume, overwrite, accelerator)
     model, tokenizer, task = build(cfg)
     train_examples = task.train[: cfg.max_train_examples]
     eval_examples = task.validation[: cfg.max_eval_examples]
-    batches_per_epoch = len(train_examples) // cfg.batch_size  # the last partial batch is dropped: one batch shape
+    # --batch-size is per process: a micro-step reads one global batch and each process takes its slice of it, so
+    # n processes x b see exactly the examples of 1 process x n b. The last partial batch is dropped: one shape.
+    global_batch = cfg.batch_size * accelerator.num_processes
+    batches_per_epoch = len(train_examples) // global_batch
     if batches_per_epoch == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_examples)} training examples.")
+        raise ValueError(f"The global batch ({cfg.batch_size} per process x {accelerator.num_processes} processes) is "
+                         f"larger than the {len(train_examples)} training examples: lower --batch-size.")
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.lr_warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler stays ours: accelerate's wrapper steps it once per process per step (it assumes per-process
+    # step counts), while total_steps here counts global optimizer steps
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.distributed_type.name == "FSDP" and (cfg.save_every or resume):
+        raise ValueError("Checkpoints (--save-every, --resume) are not supported under FSDP yet: the optimizer state "
+                         "is sharded across processes. Train without them, or use DDP.")
 
     state = {"step": 0, "micro_batch": 0, "losses": [], "evaluations": [], "train_seconds": 0.0, "eval_seconds": 0.0}
     checkpoint = latest_checkpoint(out) if resume else None
@@ -307,8 +338,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
               f"{total_steps} steps", file=sys.stderr)
 
     def save_checkpoint():
+        weights = full_state_dict(model, accelerator)
+
         def write(tmp: Path):
-            accelerator.unwrap_model(model).save_pretrained(tmp)
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=weights)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "rng": torch.get_rng_state(), "state": state}, tmp / "trainer_state.pt")
         if accelerator.is_main_process:
@@ -318,7 +351,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
 
     def run_eval():
         started = time.perf_counter()
-        scores = evaluate(accelerator.unwrap_model(model), tokenizer, task, eval_examples, cfg.max_length)
+        scores = evaluate(accelerator.unwrap_model(model), tokenizer, task, eval_examples, cfg.max_length,
+                          accelerator=accelerator)
         state["eval_seconds"] = state["eval_seconds"] + time.perf_counter() - started
         state["evaluations"].append({"step": state["step"], "split": "validation", **scores})
         model.train()
@@ -334,21 +368,24 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         while state["step"] < total_steps:
             epoch, index = divmod(state["micro_batch"], batches_per_epoch)
             order = epoch_order(len(train_examples), cfg.seed, epoch)
-            chunk = [train_examples[i] for i in order[index * cfg.batch_size:(index + 1) * cfg.batch_size]]
+            first = index * global_batch + accelerator.process_index * cfg.batch_size
+            chunk = [train_examples[i] for i in order[first:first + cfg.batch_size]]
             batch = collate([encode_for_training(task, tokenizer, e, cfg.max_length) for e in chunk],
                             tokenizer.pad_token_id)
             with accelerator.accumulate(model):
                 with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
                 accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
+                optimizer.step()  # accelerate's optimizer skips the steps between accumulation boundaries
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state["micro_batch"] += 1
             running_loss += loss.item() / cfg.grad_accum
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
+            running_loss = accelerator.reduce(torch.tensor(running_loss), reduction="mean").item()  # all processes
             state["losses"].append(running_loss)
             bar.set_postfix(loss=f"{running_loss:.4f}", refresh=False)  # drawn at the bar's own pace
             bar.update(1)
@@ -356,35 +393,41 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
             state["train_seconds"] = time.perf_counter() - start - state["eval_seconds"]
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
                 scores = run_eval()
-                bar.write(f"step {state['step']}: validation {_fmt(scores)}")
+                if accelerator.is_main_process:
+                    bar.write(f"step {state['step']}: validation {_fmt(scores)}")
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
                 save_checkpoint()
             if on_step is not None:
-                on_step(state["step"])
+                on_step(state["step"], model)
     except KeyboardInterrupt:
         bar.close()
         last = latest_checkpoint(out)
         where = f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"
-        print(f"\nInterrupted at step {state['step']}; {where}. Continue with the same command plus --resume.",
-              file=sys.stderr)
+        if accelerator.is_main_process:
+            print(f"\nInterrupted at step {state['step']}; {where}. Continue with the same command plus --resume.",
+                  file=sys.stderr)
         raise
     bar.close()
     state["train_seconds"] = time.perf_counter() - start - state["eval_seconds"]  # optimisation only
 
     validation = run_eval()
     test_scores = evaluate(accelerator.unwrap_model(model), tokenizer, task, task.test[: cfg.max_eval_examples],
-                           cfg.max_length)
+                           cfg.max_length, accelerator=accelerator)
+    costs = accelerator.reduce(torch.tensor([state["train_seconds"], peak_memory_mib()], dtype=torch.float64),
+                               reduction="max")  # the slowest and the largest process
     metrics = {
         "method": cfg.method, "model": cfg.model, "task": task.name, "task_kind": task.kind,
         "primary_metric": PRIMARY_METRIC[task.kind], "test": test_scores, "validation": validation,
         "evaluations": state["evaluations"], "losses": state["losses"], "steps": state["step"],
-        "train_seconds": state["train_seconds"], "peak_memory_mib": peak_memory_mib(),
+        "train_seconds": costs[0].item(), "peak_memory_mib": costs[1].item(),
+        "processes": accelerator.num_processes, "global_batch_size": global_batch * cfg.grad_accum,
         "trainable_params": trainable, "total_params": total,
         "majority_baseline": majority_baseline(task, task.test[: cfg.max_eval_examples]),
         "config": asdict(cfg), "environment": environment(),
     }
+    weights = full_state_dict(model, accelerator)
     if accelerator.is_main_process:
-        publish_weights(accelerator.unwrap_model(model), out)
+        publish_weights(accelerator.unwrap_model(model), out, weights)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         plot_training(metrics, out / "training.png")
     return metrics

@@ -1,0 +1,119 @@
+"""Several processes on this machine (gloo, CPU): DDP through `duallora train` under torchrun gives the adapter of
+one process on the whole batch, the processes stay identical after every step, and FSDP2-sharded layers train
+like unsharded ones."""
+
+import json
+import shutil
+from dataclasses import asdict, replace
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from duallora.cli import main
+from duallora.train import RunConfig, train
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+def torchrun(*args, processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun`` of ``args`` on this machine's CPUs. (``accelerate launch`` starts several processes through
+    torchrun on GPUs only; on CPUs it needs MPI, which this machine lacks.)"""
+    with socket.socket() as s:  # a free port, so that parallel test runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+           "127.0.0.1", "--master_port", port, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def bert_without_dropout(tiny_checkpoints, tmp_path_factory) -> Path:
+    """The tiny BERT with dropout off: one process on 2b examples and two on b each draw different dropout masks,
+    so only a dropout-free model can give the same adapter."""
+    directory = tmp_path_factory.mktemp("bert-no-dropout")
+    shutil.copytree(tiny_checkpoints["bert"], directory, dirs_exist_ok=True)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def flags(model_dir, tiny_csv, out, batch_size, method="dual"):
+    return ["--method", method, "--model", str(model_dir), "--task", str(tiny_csv),
+            "--text-column", "text", "--label-column", "label", "--output-dir", str(out), "--max-length", "16",
+            "--batch-size", str(batch_size), "--lr", "5e-3", "--max-steps", "6", "--eval-every", "3",
+            "--save-every", "3", "--max-eval-examples", "23", "--warmup-steps", "2"]
+
+
+def max_difference(a: Path, b: Path) -> float:
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_adapter_of_one_process_on_twice_the_batch(bert_without_dropout, tiny_csv,
+                                                                                   tmp_path):
+    two = torchrun("-m", "duallora", "train", *flags(bert_without_dropout, tiny_csv, tmp_path / "two", batch_size=4))
+    assert main(["train", *flags(bert_without_dropout, tiny_csv, tmp_path / "one", batch_size=8)]) == 0
+    assert max_difference(tmp_path / "one", tmp_path / "two") <= 1e-5
+    one_metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two_metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two_metrics["processes"] == 2 and one_metrics["processes"] == 1
+    assert two_metrics["global_batch_size"] == one_metrics["global_batch_size"] == 8
+    # the logged loss is the mean over processes: the loss of the whole global batch
+    torch.testing.assert_close(torch.tensor(two_metrics["losses"]), torch.tensor(one_metrics["losses"]),
+                               rtol=1e-5, atol=1e-6)
+    # evaluation is split across the processes and gathered: the same scores on the same (odd-sized) split
+    assert two_metrics["test"] == pytest.approx(one_metrics["test"])
+    assert [e["accuracy"] for e in two_metrics["evaluations"]] == pytest.approx(
+        [e["accuracy"] for e in one_metrics["evaluations"]])
+    # one writer: one header line, no stray temporary directories, one checkpoint
+    assert two.stderr.count("trainable of") == 1
+    assert not [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step-0000003"]
+
+
+@pytest.mark.slow
+def test_processes_hold_identical_adapters_after_every_step(bert_without_dropout, tiny_csv, tmp_path):
+    cfg = RunConfig(method="d2", model=str(bert_without_dropout), task=str(tiny_csv), text_column="text",
+                    label_column="label", output_dir=str(tmp_path / "d2"), max_length=16, batch_size=4, lr=5e-3,
+                    max_steps=6, max_eval_examples=23)
+    request = tmp_path / "run.json"
+    request.write_text(json.dumps(asdict(cfg)))
+    torchrun(str(WORKERS / "ddp_train.py"), str(request), str(tmp_path / "differences.json"))
+    report = json.loads((tmp_path / "differences.json").read_text())
+    assert report["world_size"] == 2 and len(report["differences"]) == 6
+    assert max(report["differences"]) == 0.0  # DDP averages the gradients; identical updates, bit for bit
+    train(replace(cfg, batch_size=8, output_dir=str(tmp_path / "d2-one")), progress=False)
+    assert max_difference(tmp_path / "d2", tmp_path / "d2-one") <= 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_layers_train_like_unsharded_ones(tmp_path):
+    torchrun(str(WORKERS / "fsdp2_step.py"), str(tmp_path / "fsdp.json"))
+    report = json.loads((tmp_path / "fsdp.json").read_text())
+    assert report["world_size"] == 2
+    for method in ("dual", "d2"):
+        result = report[method]
+        assert result["base_weight_sharded"], method  # the frozen weights really are split across processes
+        assert max(result["loss"]) <= 1e-5, method
+        assert max(result["weights"]) <= 1e-5, method  # after each of 3 AdamW steps
+        assert result["eval_logits"] <= 1e-5, method
+
+
+@pytest.mark.parametrize("name,kind", [("ddp.yaml", "MULTI_GPU"), ("fsdp.yaml", "FSDP")])
+def test_the_documented_accelerate_configs_parse(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parent.parent / "examples" / "accelerate" / name))
+    assert config.distributed_type.name == kind and config.num_processes == 8
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
