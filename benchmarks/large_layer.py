@@ -65,14 +65,31 @@ def measure(name: str, args) -> dict:
         x.grad = None
 
     step()  # warm-up: compile, allocator
-    times = []
-    with PeakRss() as rss:
-        for _ in range(args.repeats):
-            start = time.perf_counter()
+    if args.measure == "memory":
+        with PeakRss() as rss:
             step()
-            times.append(time.perf_counter() - start)
+        return {"peak_mib": rss.peak / 2**20}
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
     return {"config": name, "method": method, "block_mib": block_mib, "shape": [out_f, in_f],
-            "seconds": statistics.median(times), "peak_mib": rss.peak / 2**20}
+            "seconds": statistics.median(times)}
+
+
+def child(name: str, shape: str, args, measure: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--shape", shape, "--tokens", str(args.tokens), "--r",
+           str(args.r), "--repeats", str(args.repeats), "--measure", measure]
+    # Memory runs map every allocation of 1 MiB or more on its own (returned to the system when freed): glibc keeps
+    # freed heap blocks below its dynamic mmap threshold (up to 32 MiB) in the process, so the RSS of block-sized
+    # transients would show fragmentation rather than live memory. Time runs keep the default allocator, whose reuse
+    # of freed memory is what a training run sees (mapping every block anew costs page faults).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)} if measure == "memory" else None
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{shape} {name} ({measure}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def blocks(out_f: int, in_f: int, block_mib) -> int:
@@ -85,8 +102,9 @@ def blocks(out_f: int, in_f: int, block_mib) -> int:
 def markdown(payload: dict) -> str:
     a = payload["args"]
     lines = [f"One Linear, {a['tokens']} tokens, r={a['r']}, float32, forward + backward (input gradient included); "
-             f"median of {a['repeats']} after a warm-up; one process per row; {payload['device']}. One out x in "
-             "float32 matrix is 4 out in bytes.", "",
+             f"time: median of {a['repeats']} after a warm-up; peak resident memory: one step after a warm-up, in its own "
+             f"process, every allocation of 1 MiB or more mapped on its own (so freed blocks leave); "
+             f"{payload['device']}. One out x in float32 matrix is 4 out in bytes.", "",
              "| layer (out x in) | configuration | blocks | extra peak over frozen | vs whole | time | vs whole |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for shape in dict.fromkeys(tuple(r["shape"]) for r in payload["rows"]):
@@ -95,11 +113,16 @@ def markdown(payload: dict) -> str:
         for r in rows:
             if r["method"] == "frozen":
                 continue
-            whole = next((w for w in rows if w["method"] == r["method"] and w["block_mib"] is None), r)
-            n_blocks = blocks(*shape, r["block_mib"]) if r["method"] in ("dual", "d2") else "-"
-            lines.append(f"| {shape[0]}x{shape[1]} | {r['config']} | {n_blocks} | {r['peak_mib'] - frozen:.0f} MiB | "
-                         f"{(r['peak_mib'] - frozen) / max(1.0, whole['peak_mib'] - frozen):.2f}x | "
-                         f"{r['seconds']:.2f} s | {r['seconds'] / whole['seconds']:.2f}x |")
+            extra = r["peak_mib"] - frozen
+            whole = next((w for w in rows if w["method"] == r["method"] and w["block_mib"] is None), None)
+            vs_memory = vs_time = n_blocks = "-"
+            if r["method"] in ("dual", "d2"):
+                n_blocks = blocks(*shape, r["block_mib"])
+            if r["method"] in ("dual", "d2") and whole is not None:
+                vs_memory = f"{extra / (whole['peak_mib'] - frozen):.2f}x"
+                vs_time = f"{r['seconds'] / whole['seconds']:.2f}x"
+            lines.append(f"| {shape[0]}x{shape[1]} | {r['config']} | {n_blocks} | {extra:.0f} MiB | {vs_memory} | "
+                         f"{r['seconds']:.2f} s | {vs_time} |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,6 +136,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default=str(DOCS))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         args.shape = [int(v) for v in args.shape.split("x")]
@@ -123,16 +147,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         for name in args.configs.split(","):
-            cmd = [sys.executable, __file__, "--child", name, "--shape", shape, "--tokens", str(args.tokens),
-                   "--r", str(args.r), "--repeats", str(args.repeats)]
-            # glibc keeps freed heap blocks below its (dynamic, up to 32 MiB) mmap threshold in the process, so the
-            # RSS of block-sized transients would show fragmentation rather than live memory: map every allocation
-            # of 1 MiB or more on its own, returned to the system when freed.
-            out = subprocess.run(cmd, capture_output=True, text=True,
-                                 env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)})
-            if out.returncode != 0:
-                raise RuntimeError(f"{shape} {name} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append({**child(name, shape, args, "time"), **child(name, shape, args, "memory")})
             print(f"{shape} {name}: {rows[-1]['seconds']:.2f} s, peak {rows[-1]['peak_mib']:.0f} MiB", flush=True)
     payload = {"args": vars(args), "device": f"CPU, {torch.get_num_threads()} threads", "rows": rows}
     out_dir = Path(args.output_dir)

@@ -1,8 +1,8 @@
 """Memory per GPU of training LLaMA-2-7B and LLaMA-2-70B with Dual LoRA, LoRA and full fine-tuning on 1 to 64 GPUs:
-a pure-arithmetic model (no model download, no torch; runs in a second), one function per component, each with the
+a pure-arithmetic model (no model download; runs in a few seconds), one function per component, each with the
 formula it computes next to it, so that every number can be checked by hand.
 
-    python benchmarks/memory_per_gpu.py                 # r=16, micro-batch 1 x 2048 tokens, checkpointing on, 64 MiB blocks
+    python benchmarks/memory_per_gpu.py                 # r=16, micro-batch 1 x 2048 tokens, checkpointing on, 16 MiB blocks
     python benchmarks/memory_per_gpu.py --no-checkpointing --block-mib 0 --lora-input-copy fp32
 
 Writes ``docs/bench/memory_per_gpu.json`` (every component of every row, in bytes and GiB), ``.md`` (the table) and
@@ -244,25 +244,26 @@ def lora_extra_activation_bytes(s: Shape, r: int, tokens: int, checkpointing: bo
 def block_rows(out_features: int, in_features: int, bound_bytes: int) -> int:
     """Rows of ``W`` (and of each out x in matrix) that the library builds at once: the most rows whose fp32 block
     ``rows * in * 4`` stays within the bound, ``clamp(bound // (4 in), 1, out)``; ``bound = 0`` means no blocking
-    (all ``out`` rows)."""
-    if bound_bytes <= 0:
-        return out_features
-    return max(1, min(out_features, bound_bytes // (FP32 * in_features)))
+    (all ``out`` rows). The library's own rule, called rather than restated, so that the two cannot drift apart."""
+    from duallora.functional import KernelOptions
+
+    return KernelOptions(block_mib=bound_bytes / MIB if bound_bytes > 0 else None).rows_per_block(
+        out_features, in_features, FP32)
 
 
 def dual_transient_bytes(s: Shape, block_bytes: int, matrices: int = DUAL_TRANSIENT_MATRICES) -> int:
     """Dual LoRA's out x in transients: while one adapted Linear runs forward or backward the memory-efficient Function
     holds at most about ``matrices`` (6) fp32 matrices of ``block_rows x in`` (P = B A, Q = D C, the built W, the weight
     gradient G = g^T x and the two branch gradients). Only one layer's exist at a time, so the largest block over the
-    seven linears counts: ``matrices * max_j(block_rows(out_j, in_j) * in_j * 4)``. With the 64 MiB default both
-    ``up``/``gate`` (11008 x 4096 in 7B) and ``down`` are cut to about 64 MiB; with ``block_bytes = 0`` it is
+    seven linears counts: ``matrices * max_j(block_rows(out_j, in_j) * in_j * 4)``. With the 16 MiB default both
+    ``up``/``gate`` (11008 x 4096 in 7B) and ``down`` are cut to about 16 MiB; with ``block_bytes = 0`` it is
     ``matrices * out * in * 4`` of the largest linear. Independent of the tokens, the rank and the GPU count."""
     return matrices * max(block_rows(o, i, block_bytes) * i * FP32 for _, o, i in linear_shapes(s))
 
 
 # ----------------------------------------------------------------------------------------------- rows
 def memory_row(s: Shape, method: str, gpus: int, *, r: int = 16, micro_batch: int = 1, seq: int = 2048,
-               checkpointing: bool = True, block_mib: float = 64, lora_input_copy: str = "bf16",
+               checkpointing: bool = True, block_mib: float = 16, lora_input_copy: str = "bf16",
                full_grad_bytes: int = BF16, sharding: str = "fsdp") -> dict:
     """Every component for one (model, method, GPU count), in bytes; ``total`` is their sum. ``sharding="ddp"``
     shards nothing: the 1-GPU numbers on every GPU."""
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                         help="keep every layer's activations instead of each layer's input only")
-    parser.add_argument("--block-mib", type=float, default=64,
+    parser.add_argument("--block-mib", type=float, default=16,
                         help="bound on one fp32 out x in block of Dual LoRA (MiB); 0 = no blocking")
     parser.add_argument("--lora-input-copy", default="bf16", choices=sorted(LORA_INPUT_COPY_BYTES),
                         help="the copy of each layer input that peft's LoRA saves: bf16 (autocast), fp32 (no autocast), "

@@ -83,7 +83,7 @@ def test_dual_transients_with_and_without_blocking():
     small = mem.Shape("small", hidden=256, intermediate=688, layers=2, heads=4, kv_heads=2, vocab=1000)
     assert mem.dual_transient_bytes(small, bound) == mem.dual_transient_bytes(small, 0) == 6 * 688 * 256 * 4
     # independent of GPUs and tokens; only Dual LoRA has them
-    assert mem.memory_row(S7, "dual", 64, seq=512)["bytes"]["dual_transients"] == blocked
+    assert mem.memory_row(S7, "dual", 64, seq=512, block_mib=64)["bytes"]["dual_transients"] == blocked
     assert mem.memory_row(S7, "lora", 1)["bytes"]["dual_transients"] == 0
 
 

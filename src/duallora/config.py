@@ -87,11 +87,11 @@ class WeightAdapterConfig(PeftConfig):
     )
 
     block_mib: Optional[float] = field(
-        default=64.0,
+        default=16.0,
         metadata={
             "help": "Upper bound in MiB on each out x in matrix the memory-efficient path holds: dW, its weight "
             "gradient and the branch gradients are built for a block of output rows at a time, the rows chosen so "
-            "that one block fits (a 4096 x 11008 float32 layer: 3 blocks at 64). None: whole matrices at once."
+            "that one block fits (a 4096 x 11008 float32 layer: 11 blocks at 16). None: whole matrices at once."
         },
     )
 

@@ -275,7 +275,7 @@ class KernelOptions:
     bound on each ``out x in`` transient, which sets how many rows of ``dW`` are built at once."""
 
     weight_grad_dtype: Optional[torch.dtype] = None  # None: the compute dtype
-    block_mib: Optional[float] = 64.0  # None: whole matrices at once
+    block_mib: Optional[float] = 16.0  # None: whole matrices at once
 
     def rows_per_block(self, out_features: int, in_features: int, element_size: int) -> int:
         """The most rows whose ``rows x in`` matrix fits in ``block_mib`` (at least one, at most all)."""
