@@ -14,6 +14,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from .suite import DEFAULT_RUNS_DIR, RunFailed
 from .train import METHODS, RunConfig
 
 # The embedded default compare: about 10 minutes on 2 cores (see the README for what it measured).
@@ -154,6 +155,25 @@ def cmd_inspect(args) -> None:
     print(f"Written: inspect.json, inspect.md, inspect.png in {args.output_dir or args.adapter}")
 
 
+def cmd_suite(args) -> None:
+    from .suite import dry_run, listing, run_suite
+
+    root, runs_dir = Path(args.root), Path(args.runs_dir)
+    if args.report:
+        from .report import build_report
+
+        if args.names:
+            raise ValueError(f"--report covers every experiment; drop the names {args.names}.")
+        print(f"Written: {build_report(root, Path(args.docs_dir))} (figures in {Path(args.docs_dir) / 'results'})")
+    elif args.list:
+        print(listing(root, args.names))
+    elif args.dry_run:
+        print(dry_run(root, runs_dir, args.names))
+    else:
+        made = run_suite(root, runs_dir, args.names)
+        print(f"{made} run(s) made; results in {root}/*/results/. Build the report with: duallora suite --report")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duallora", description="Fine-tune with Dual LoRA, D2-LoRA, LoRA, DoRA "
                                      "or fully; with no arguments, compare Dual LoRA with LoRA on the embedded default.")
@@ -189,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="output directory of `duallora train`")
     p.add_argument("--output-dir", help="where to write inspect.{json,md,png} (default: the run directory)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("suite", help="run the experiments of experiments/ (skipping finished runs), or build the "
+                                     "report from their results")
+    p.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (default: all)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="list what would run, with estimated times")
+    mode.add_argument("--list", action="store_true", help="list the experiments and how many runs are finished")
+    mode.add_argument("--report", action="store_true", help="build DOCS_DIR/RESULTS.md and its figures from the "
+                                                            "results files only (runs nothing)")
+    p.add_argument("--root", default="experiments", help="folder of the experiments (default: experiments)")
+    p.add_argument("--runs-dir", default=str(DEFAULT_RUNS_DIR),
+                   help=f"where runs write adapters and checkpoints (default: {DEFAULT_RUNS_DIR})")
+    p.add_argument("--docs-dir", default="docs", help="where --report writes RESULTS.md and results/ (default: docs)")
+    p.set_defaults(func=cmd_suite)
     return parser
 
 
@@ -217,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, TypeError, ModuleNotFoundError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError, TypeError, ModuleNotFoundError, RunFailed) as err:
         if os.environ.get("DUALLORA_DEBUG"):
             raise  # the full traceback, for bug reports
         print(f"duallora {args.command}: error: {err}", file=sys.stderr)

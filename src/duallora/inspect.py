@@ -15,8 +15,11 @@ from .layer import AdaptedLayer
 
 
 def numerical_rank(matrix: torch.Tensor) -> int:
-    """Singular values above ``max(shape) * eps * s_max`` (the rule of ``torch.linalg.matrix_rank``)."""
-    return int(torch.linalg.matrix_rank(matrix.double()).item())
+    """Singular values above ``max(shape) * eps * s_max`` (the rule of ``torch.linalg.matrix_rank``), with ``eps`` of
+    the dtype the matrix was computed in: the SVD runs in float64, but a float32 product's rounding noise would count
+    as rank against float64's eps (a rank-16 LoRA update came out at 576)."""
+    rtol = max(matrix.shape) * torch.finfo(matrix.dtype).eps
+    return int(torch.linalg.matrix_rank(matrix.double(), rtol=rtol).item())
 
 
 @torch.no_grad()

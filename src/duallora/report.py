@@ -1,0 +1,571 @@
+"""``docs/RESULTS.md`` from the suite's committed results only (``<root>/*/results/*.json``, read against each
+experiment's config), with plots in ``docs/results/``. A run not made yet shows as "not run yet", so the report
+can be built at any point of the suite.
+
+Scores are in points: accuracy x 100, BLEU and ROUGE-L as they come (0-100). "mean ± std" is over seeds (sample
+standard deviation); a difference between two methods is given with its standard error,
+``sqrt(s1^2 / n1 + s2^2 / n2)``, averaged over tasks as ``sqrt(sum se_t^2) / T``.
+
+The hand-written prose (the introduction and the caveats) lives in ``<root>/report_template.md``; its
+``{{section}}`` placeholders receive the generated sections.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .suite import Experiment, Run, chosen_lr, finished_runs, load_experiments, plan, summary
+from .train import atomic_write_text
+
+TEMPLATE_NAME = "report_template.md"
+NOT_RUN = "not run yet"
+METRIC_NAMES = {"accuracy": "accuracy", "bleu": "BLEU", "rougeL": "ROUGE-L"}
+KIND_ORDER = ("classification", "multiple_choice", "generation")  # NLU, commonsense, NLG: the papers' order
+BASELINES = ("full", "lora", "lora-2r", "dora")  # the methods that are not the papers' own
+
+
+# ----------------------------------------------------------------------------------------------- numbers
+def points(value: float, metric: str) -> float:
+    """A score in points: accuracy in [0, 1] times 100; BLEU and ROUGE-L are 0-100 already."""
+    return 100 * value if metric == "accuracy" else value
+
+
+def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def fmt_score(values: list[float], bold: bool = False) -> str:
+    if not values:
+        return NOT_RUN
+    mean, std = mean_std(values)
+    text = f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+    return f"**{text}**" if bold else text
+
+
+def std_error(values: list[float]) -> float:
+    """Standard error of a mean; 0 for a single value (which the tables mark with n = 1)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+@dataclass
+class Group:
+    """The finished runs of one method (comparison, at its chosen lr) or one variant (ablation)."""
+
+    label: str
+    results: list[dict]
+    lr: Optional[float] = None
+    note: str = ""  # why there are no results yet, or fewer than planned
+
+    def scores(self, metric: str) -> list[float]:
+        return [points(r["test"][metric], metric) for r in self.results]
+
+    def first(self, key: str, default=None):
+        return self.results[0][key] if self.results else default
+
+
+@dataclass
+class ExperimentResults:
+    """An experiment with its finished runs grouped by method or variant."""
+
+    experiment: Experiment
+    finished: dict[str, dict]
+    groups: list[Group] = field(default_factory=list)
+
+    @property
+    def any_result(self) -> Optional[dict]:
+        return next(iter(self.finished.values()), None)
+
+    @property
+    def metric(self) -> Optional[str]:
+        return self.any_result["primary_metric"] if self.any_result else None
+
+    @property
+    def metrics(self) -> list[str]:
+        """The primary metric first, then the other numeric test scores (ROUGE-L next to BLEU)."""
+        if not self.any_result:
+            return []
+        test = self.any_result["test"]
+        return [self.metric] + [k for k, v in test.items() if k != self.metric and isinstance(v, (int, float))]
+
+    @property
+    def task(self) -> str:
+        base = self.experiment.base
+        return f"{base.get('model', '?')} / {base.get('task', '?')}"
+
+    @property
+    def done(self) -> int:
+        """How many of the planned runs are finished (results files of other runs aside)."""
+        return sum(run.name in self.finished for run in plan(self.experiment, self.finished))
+
+    def group(self, label: str) -> Optional[Group]:
+        return next((g for g in self.groups if g.label == label and g.results), None)
+
+
+def collect(experiment: Experiment) -> ExperimentResults:
+    """The experiment's finished runs, grouped: a comparison's methods at their chosen lr, an ablation's variants."""
+    finished = finished_runs(experiment)
+    out = ExperimentResults(experiment, finished)
+    if experiment.kind == "ablation":
+        for variant in experiment.variants:
+            runs = [finished[n] for s in experiment.seeds if (n := Run(experiment, variant, None, s).name) in finished]
+            out.groups.append(Group(variant, runs, note="" if runs else NOT_RUN))
+        return out
+    for method in experiment.methods:
+        lr = chosen_lr(experiment, method, finished)
+        if lr is None:
+            done = sum(Run(experiment, method, g, experiment.seeds[0]).name in finished for g in experiment.lr_grid)
+            out.groups.append(Group(method, [], note=NOT_RUN if done == 0 else
+                                    f"choosing lr: {done} of {len(experiment.lr_grid)} grid runs finished"))
+            continue
+        runs = [finished[n] for s in experiment.seeds if (n := Run(experiment, method, lr, s).name) in finished]
+        out.groups.append(Group(method, runs, lr=lr))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _cost_cells(group: Group) -> list[str]:
+    if not group.results:
+        return ["", ""]
+    seconds = statistics.mean(r["train_seconds"] for r in group.results)
+    memory = max(r["peak_memory_mib"] for r in group.results)
+    return [f"{seconds:.0f} s", f"{memory:.0f} MiB"]
+
+
+def _best_mean(results: ExperimentResults, metric: str) -> Optional[float]:
+    means = [statistics.mean(g.scores(metric)) for g in results.groups if g.results]
+    return max(means) if means else None
+
+
+def _caption(results: ExperimentResults) -> str:
+    exp = results.experiment
+    text = f"{summary(exp)}; test scores in points, mean ± std over seeds."
+    first = results.any_result
+    if first and first.get("majority_baseline") is not None:
+        text += f" Majority class (test): {points(first['majority_baseline'], 'accuracy'):.1f}."
+    return text
+
+
+def _name(metric: Optional[str]) -> str:
+    return METRIC_NAMES.get(metric, metric) if metric else "score"
+
+
+def _rank_cell(group: Group) -> str:
+    if not group.results:
+        return ""
+    return "–" if group.results[0]["method"] == "full" else str(group.results[0]["config"]["r"])
+
+
+def group_table(results: ExperimentResults) -> str:
+    """A comparison's (method, r, params, chosen lr, scores, n, costs) or an ablation's (variant, overrides, ...)
+    table; the best mean of each metric in bold."""
+    exp = results.experiment
+    metrics = results.metrics or ["score"]
+    best = {m: _best_mean(results, m) for m in results.metrics}
+    first_col = ["method", "r", "trainable params", "lr (chosen)"] if exp.kind == "comparison" else \
+        ["variant", "overrides", "trainable params"]
+    header = first_col + [f"test {_name(m)}" for m in metrics] + ["n", "train time", "peak memory"]
+    rows = []
+    for g in results.groups:
+        if exp.kind == "comparison":
+            lead = [g.label, _rank_cell(g),
+                    f"{g.first('trainable_params'):,}" if g.results else "", f"{g.lr:g}" if g.lr else g.note]
+        else:
+            overrides = ", ".join(f"{k}={v}" for k, v in exp.variants[g.label].items()) or "(base)"
+            lead = [g.label, overrides, f"{g.first('trainable_params'):,}" if g.results else ""]
+        scores = [fmt_score(g.scores(m), bold=bool(g.results) and statistics.mean(g.scores(m)) == best.get(m))
+                  for m in metrics]
+        rows.append(lead + scores + [str(len(g.results)) if g.results else "0"] + _cost_cells(g))
+    return _caption(results) + "\n\n" + _table(header, rows)
+
+
+def lr_table(results: ExperimentResults) -> str:
+    """Validation score of every method at every lr of the grid (first seed); the chosen one in bold."""
+    exp = results.experiment
+    header = ["method"] + [f"lr {lr:g}" for lr in exp.lr_grid]
+    rows = []
+    for g in results.groups:
+        cells = []
+        for lr in exp.lr_grid:
+            result = results.finished.get(Run(exp, g.label, lr, exp.seeds[0]).name)
+            if result is None:
+                cells.append(NOT_RUN)
+                continue
+            metric = result["primary_metric"]
+            text = f"{points(result['validation'][metric], metric):.1f}"
+            cells.append(f"**{text}**" if lr == g.lr else text)
+        rows.append([g.label] + cells)
+    return (f"Validation {_name(results.metric)} at seed {exp.seeds[0]} for each learning rate of the grid; "
+            "the chosen one (best, ties to the first listed) in bold.\n\n" + _table(header, rows))
+
+
+def headline_table(comparisons: list[ExperimentResults]) -> str:
+    """Every method on every comparison's task: primary metric, mean ± std over seeds."""
+    methods = list(dict.fromkeys(m for c in comparisons for m in c.experiment.methods))
+    header = ["method"] + [f"{c.task} ({_name(c.metric)})" for c in comparisons]
+    rows = []
+    for method in methods:
+        cells = []
+        for c in comparisons:
+            group = c.group(method)
+            if method not in c.experiment.methods:
+                cells.append("–")
+            elif group is None:
+                cells.append(next((g.note for g in c.groups if g.label == method), NOT_RUN))
+            else:
+                cells.append(fmt_score(group.scores(c.metric), bold=statistics.mean(group.scores(c.metric)) ==
+                                       _best_mean(c, c.metric)))
+        rows.append([method] + cells)
+    return _table(header, rows)
+
+
+def budget_table(all_results: list[ExperimentResults]) -> str:
+    """What each experiment runs, how far it is, and the time its finished runs took."""
+    header = ["experiment", "kind", "model / task", "steps x batch", "training examples seen", "max length",
+              "eval examples (cap per split)", "lr", "seeds", "runs finished", "train time (sum)", "wall time (sum)"]
+    rows = []
+    for res in all_results:
+        exp = res.experiment
+        runs = plan(exp, res.finished)
+        done = [res.finished[run.name] for run in runs if run.name in res.finished]  # the planned ones
+        cfg = runs[0].config()
+        batch = cfg.batch_size * cfg.grad_accum
+        steps = ((f"{cfg.max_steps} x {batch}", f"{cfg.max_steps * batch:,}") if cfg.max_steps else
+                 (f"{cfg.epochs} epochs x {batch}", ""))
+        lr = ", ".join(f"{g:g}" for g in exp.lr_grid) if exp.kind == "comparison" else f"{cfg.learning_rate:g}"
+        walls = [r["suite"]["wall_seconds"] for r in done if r["suite"]["wall_seconds"] is not None]
+        wall = f"{sum(walls) / 60:.0f} min" + (f" ({len(walls)} of the runs)" if len(walls) < len(done) else "")
+        rows.append([exp.name, exp.kind, res.task, *steps, str(cfg.max_length), str(cfg.max_eval_examples or "all"),
+                     lr, ", ".join(map(str, exp.seeds)), f"{len(done)} of {len(runs)}",
+                     f"{sum(r['train_seconds'] for r in done) / 60:.0f} min", wall])
+    return _table(header, rows)
+
+
+# -------------------------------------------------------------------------------------- the papers' claims
+@dataclass(frozen=True)
+class Claim:
+    """One claim of a paper, checked on our comparisons of the given task kinds as ``ours - other``."""
+
+    paper: str
+    claim: str
+    kinds: tuple[str, ...]
+    ours: str
+    other: str  # a method, or "best baseline"
+    expect: str  # "gain": ours above other; "match": no difference; "absolute": a number we cannot compare
+    paper_gain: Optional[tuple[float, float]] = None  # the paper's difference in points (a range: low, high)
+
+
+ACCURACY_KINDS = ("classification", "multiple_choice")
+CLAIMS = (
+    Claim("Dual LoRA", "GLUE, RoBERTa-base: +1.6 points over LoRA", ("classification",), "dual", "lora", "gain",
+          (1.6, 1.6)),
+    Claim("Dual LoRA", "GLUE, RoBERTa-base: +1.8 points over DoRA", ("classification",), "dual", "dora", "gain",
+          (1.8, 1.8)),
+    Claim("Dual LoRA", "commonsense, LLaMA: +0.6 to +0.9 points over the best baseline", ("multiple_choice",),
+          "dual", "best baseline", "gain", (0.6, 0.9)),
+    Claim("Dual LoRA", "E2E NLG, GPT-2: BLEU 70.6", ("generation",), "dual", "lora", "absolute"),
+    Claim("D2-LoRA", "+2.2 points over LoRA at the same r", ACCURACY_KINDS, "d2", "lora", "gain", (2.2, 2.2)),
+    Claim("D2-LoRA", "+1.6 points over LoRA at matched parameters (LoRA 2r)", ACCURACY_KINDS, "d2", "lora-2r",
+          "gain", (1.6, 1.6)),
+    Claim("D2-LoRA", "matches DoRA", ACCURACY_KINDS, "d2", "dora", "match", (0.0, 0.0)),
+)
+
+
+@dataclass
+class Difference:
+    """``ours - other`` in points, averaged over tasks, with its standard error."""
+
+    mean: float
+    se: float
+    tasks: list[str]
+    fewest_seeds: int  # the smallest n of the groups compared
+    ours: float  # our method's own mean score, averaged over the tasks
+
+
+def _kind(results: ExperimentResults) -> Optional[str]:
+    return results.any_result["task_kind"] if results.any_result else None
+
+
+def _other_group(results: ExperimentResults, other: str) -> Optional[Group]:
+    if other != "best baseline":
+        return results.group(other)
+    present = [g for g in (results.group(b) for b in BASELINES) if g is not None]
+    return max(present, key=lambda g: statistics.mean(g.scores(results.metric)), default=None)
+
+
+def difference(comparisons: list[ExperimentResults], claim: Claim) -> Optional[Difference]:
+    """``ours - other`` averaged over the tasks of the claim's kinds where both have results (naming the baseline
+    picked, for "best baseline"); None where no task has both yet."""
+    diffs, errors, used, seeds, own = [], [], [], [], []
+    for res in comparisons:
+        if _kind(res) not in claim.kinds:
+            continue
+        ours, other = res.group(claim.ours), _other_group(res, claim.other)
+        if ours is None or other is None:
+            continue
+        a, b = ours.scores(res.metric), other.scores(res.metric)
+        diffs.append(statistics.mean(a) - statistics.mean(b))
+        errors.append(math.hypot(std_error(a), std_error(b)))
+        used.append(res.task + (f" (vs {other.label})" if claim.other == "best baseline" else ""))
+        seeds.append(min(len(a), len(b)))
+        own.append(statistics.mean(a))
+    if not diffs:
+        return None
+    return Difference(statistics.mean(diffs), math.sqrt(sum(e * e for e in errors)) / len(errors), used, min(seeds),
+                      statistics.mean(own))
+
+
+def verdict(claim: Claim, d: Difference) -> str:
+    """Agreement read off the difference and two standard errors of it; and whether the paper's own figure lies
+    within those two standard errors."""
+    if d.fewest_seeds < 2:
+        return "too early: a method has only one seed so far"
+    beyond = abs(d.mean) > 2 * d.se
+    direction = f"{claim.ours} {'ahead' if d.mean > 0 else 'behind'} by more than 2 standard errors"
+    if claim.expect == "absolute":
+        return (f"ours {d.ours:.1f}: not comparable in absolute terms (another model and test set); relative to "
+                f"{claim.other}: " +
+                (direction if beyond else "no difference beyond 2 standard errors"))
+    if claim.expect == "match":
+        text = f"disagrees: {direction}" if beyond else "agrees: no difference beyond 2 standard errors"
+    elif not beyond:
+        text = "inconclusive: within 2 standard errors of no difference"
+    else:
+        text = "agrees in direction: a gain beyond 2 standard errors" if d.mean > 0 else f"disagrees: {direction}"
+    low, high = d.mean - 2 * d.se, d.mean + 2 * d.se
+    inside = claim.paper_gain[1] >= low and claim.paper_gain[0] <= high
+    return text + f"; the paper's figure is {'inside' if inside else 'outside'} ours ± 2 standard errors"
+
+
+def claims_table(comparisons: list[ExperimentResults]) -> str:
+    rows = []
+    for claim in CLAIMS:
+        d = difference(comparisons, claim)
+        pair = f"{claim.ours} - {claim.other}"
+        if d is None:
+            rows.append([claim.paper, claim.claim, pair, NOT_RUN, "", NOT_RUN])
+            continue
+        rows.append([claim.paper, claim.claim, pair, f"{d.mean:+.1f} ± {d.se:.1f}", "; ".join(d.tasks),
+                     verdict(claim, d)])
+    return ("Ours: the difference of test means in points (± its standard error), averaged over the tasks listed; "
+            "a verdict needs the difference to exceed 2 standard errors.\n\n" +
+            _table(["paper", "claim", "ours", "difference", "tasks", "verdict"], rows))
+
+
+# ------------------------------------------------------------------------------------------- rank analysis
+def _module(layer: str) -> str:
+    """``base_model.model.model.layers.3.self_attn.q_proj`` -> ``q_proj``."""
+    return layer.rsplit(".", 1)[-1]
+
+
+def _median_range(values: list[int]) -> str:
+    return f"{statistics.median(values):.0f} ({min(values)}–{max(values)})" if values else "–"
+
+
+def rank_table(inspected: list[dict]) -> str:
+    """Per run and module type: the numerical rank of dW (and of Dual LoRA's magnitude and direction parts)
+    against LoRA's bound and the full rank; median (min–max) over layers."""
+    rows = []
+    for result in inspected:
+        by_module: dict[str, list[dict]] = {}
+        for row in result["inspect"]:
+            by_module.setdefault(_module(row["layer"]), []).append(row)
+        for module, items in by_module.items():
+            rows.append([result["suite"]["label"], module, str(len(items)),
+                         _median_range([r["rank_dW"] for r in items]),
+                         _median_range([r["rank_magnitude"] for r in items if "rank_magnitude" in r]),
+                         _median_range([r["rank_direction"] for r in items if "rank_direction" in r]),
+                         str(items[0]["lora_bound"]), _median_range([min(r["shape"]) for r in items]),
+                         f"{statistics.median(r['relative_norm'] for r in items):.4f}"])
+    return _table(["run", "module", "layers", "rank dW", "rank magnitude part", "rank direction part",
+                   "LoRA bound r", "full rank", "median norm dW / norm W0"], rows)
+
+
+def rank_sentence(inspected: list[dict]) -> str:
+    """How many layers' dW is full rank, per run, in one line each."""
+    lines = []
+    for result in inspected:
+        rows = result["inspect"]
+        full = sum(r["rank_dW"] == min(r["shape"]) for r in rows)
+        above = sum(r["rank_dW"] > r["lora_bound"] for r in rows)
+        lines.append(f"- {result['suite']['label']} (r={result['config']['r']}): dW is full rank in {full} of "
+                     f"{len(rows)} adapted layers and above LoRA's bound r in {above}; median rank "
+                     f"{statistics.median(r['rank_dW'] for r in rows):.0f}.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_comparison(results: ExperimentResults, path: Path) -> bool:
+    """Bars of the mean test score per method with std error bars (compare's plot); False when nothing to plot."""
+    from .compare import plot_results
+
+    metric = results.metric
+    groups = [g for g in results.groups if g.results]
+    if not groups:
+        return False
+    majority = results.any_result.get("majority_baseline")
+    rows = [{"method": g.label, "metric": metric, "mean": mean_std(g.scores(metric))[0],
+             "std": mean_std(g.scores(metric))[1] or 0.0, "trainable_params": g.first("trainable_params"),
+             "majority_baseline": None if majority is None else points(majority, "accuracy")} for g in groups]
+    base = results.experiment.base
+    plot_results({"summary": rows, "runs": [{"model": base.get("model"), "task": base.get("task")}],
+                  "seeds": list(results.experiment.seeds)}, path)
+    return True
+
+
+def plot_ablation(results: ExperimentResults, path: Path) -> bool:
+    """Horizontal bars per variant (mean ± std over seeds), with the first variant as a reference line."""
+    groups = [g for g in results.groups if g.results]
+    if not groups:
+        return False
+    plt = _pyplot()
+    metric = results.metric
+    means = [mean_std(g.scores(metric))[0] for g in groups]
+    stds = [mean_std(g.scores(metric))[1] or 0.0 for g in groups]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(groups) + 1.5))
+    y = range(len(groups))
+    ax.barh(y, means, xerr=stds, capsize=4, color="tab:orange", alpha=0.8)
+    ax.set_yticks(list(y), [g.label for g in groups])
+    ax.invert_yaxis()
+    ax.axvline(means[0], color="black", linestyle=":", label=f"{groups[0].label}")
+    low = min(m - s for m, s in zip(means, stds))
+    ax.set_xlim(max(0.0, low - 0.1 * abs(low)), None)
+    ax.set_xlabel(f"test {_name(metric)} (points)")
+    ax.set_title(f"{results.experiment.name}: {results.task}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _by_module(rows: list[dict]) -> list[dict]:
+    """The rows grouped by module type (in order of first appearance), model order kept within a group."""
+    order = list(dict.fromkeys(_module(r["layer"]) for r in rows))
+    return sorted(rows, key=lambda r: order.index(_module(r["layer"])))
+
+
+def plot_ranks(inspected: list[dict], path: Path, title: str) -> None:
+    """The papers' rank figure: per adapted layer, grouped by module type (so that each group has one shape), the
+    rank of dW of each run, Dual LoRA's magnitude and direction parts, LoRA's bound r and the full rank."""
+    plt = _pyplot()
+    reference = _by_module(inspected[0]["inspect"])
+    x = range(len(reference))
+    fig, ax = plt.subplots(figsize=(max(7, 0.04 * len(reference) + 5), 4.2))
+    for result in inspected:
+        rows, label = _by_module(result["inspect"]), result["suite"]["label"]
+        ax.plot(x, [r["rank_dW"] for r in rows], "-", linewidth=1.5, label=f"{label}: rank of dW")
+        if "rank_magnitude" in rows[0]:
+            ax.plot(x, [r["rank_magnitude"] for r in rows], "--", linewidth=1, label=f"{label}: magnitude part")
+            ax.plot(x, [r["rank_direction"] for r in rows], ":", linewidth=1, label=f"{label}: direction part")
+        else:
+            ax.plot(x, [r["lora_bound"] for r in rows], "k-.", linewidth=1, label=f"{label}: its bound r")
+    ax.plot(x, [min(r["shape"]) for r in reference], color="gray", linewidth=0.8, label="full rank min(out, in)")
+    modules = [_module(r["layer"]) for r in reference]
+    starts = [i for i, m in enumerate(modules) if i == 0 or modules[i - 1] != m]
+    for i in starts[1:]:
+        ax.axvline(i - 0.5, color="lightgray", linewidth=0.8)
+    ax.set_xticks([s + (e - s - 1) / 2 for s, e in zip(starts, starts[1:] + [len(modules)])],
+                  [modules[s] for s in starts], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("adapted layer: grouped by module, model order within a group")
+    ax.set_ylabel("numerical rank")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def comparison_section(res: ExperimentResults, figures: Path) -> str:
+    """A comparison's results table, learning-rate table and bar plot."""
+    exp = res.experiment
+    parts = [f"### {exp.name}: {res.task}", exp.description, group_table(res), lr_table(res)]
+    if plot_comparison(res, figures / f"{exp.name}.png"):
+        parts.append(f"![{exp.name}](results/{exp.name}.png)")
+    return "\n\n".join(p for p in parts if p)
+
+
+def ablation_section(res: ExperimentResults, figures: Path) -> str:
+    """An ablation's table and plot."""
+    exp = res.experiment
+    parts = [f"### {exp.name}: {res.task}", exp.description, group_table(res)]
+    if plot_ablation(res, figures / f"{exp.name}.png"):
+        parts.append(f"![{exp.name}](results/{exp.name}.png)")
+    return "\n\n".join(p for p in parts if p)
+
+
+def rank_section(res: ExperimentResults, figures: Path) -> str:
+    """An inspected experiment's rank summary, table per module type, and rank figure."""
+    exp = res.experiment
+    inspected = [r for r in res.finished.values() if "inspect" in r]
+    head = f"### {exp.name}: {res.task}"
+    if not inspected:
+        return f"{head}\n\n{NOT_RUN}."
+    plot_ranks(inspected, figures / f"{exp.name}-rank.png", f"{exp.name}: {res.task}")
+    return "\n\n".join(p for p in [head, exp.description, rank_sentence(inspected), rank_table(inspected),
+                                   f"![{exp.name} rank analysis](results/{exp.name}-rank.png)"] if p)
+
+
+def sections(all_results: list[ExperimentResults], figures: Path) -> dict[str, str]:
+    """The generated text of every template placeholder."""
+    comparisons = sorted((r for r in all_results if r.experiment.kind == "comparison"),
+                         key=lambda r: KIND_ORDER.index(_kind(r)) if _kind(r) in KIND_ORDER else len(KIND_ORDER))
+    ablations = [r for r in all_results if r.experiment.kind == "ablation" and not r.experiment.inspect]
+    inspected = [r for r in all_results if r.experiment.inspect]
+    done = sum(r.done for r in all_results)
+    planned = sum(len(plan(r.experiment, r.finished)) for r in all_results)
+    return {
+        "status": f"{done} of {planned} runs finished in {len(all_results)} experiments "
+                  f"({', '.join(r.experiment.name for r in all_results)}).",
+        "budget": budget_table(all_results),
+        "headline": headline_table(comparisons) if comparisons else NOT_RUN,
+        "claims": claims_table(comparisons),
+        "comparisons": "\n\n".join(comparison_section(r, figures) for r in comparisons) or NOT_RUN,
+        "ablations": "\n\n".join(ablation_section(r, figures) for r in ablations) or NOT_RUN,
+        "rank_analysis": "\n\n".join(rank_section(r, figures) for r in inspected) or NOT_RUN,
+    }
+
+
+def fill(template: str, values: dict[str, str], where: Path) -> str:
+    """Replace every ``{{name}}``; a placeholder without a value, or a value without a placeholder, is an error."""
+    used = set(re.findall(r"\{\{(\w+)\}\}", template))
+    if used != set(values):
+        raise ValueError(f"{where}: its placeholders do not match the generated sections {sorted(values)}: missing "
+                         f"{sorted(set(values) - used)}, unknown {sorted(used - set(values))}.")
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
+
+
+def build_report(root: Path, docs_dir: Path) -> Path:
+    """Write ``docs_dir/RESULTS.md`` and its figures in ``docs_dir/results/`` from ``root``'s experiments."""
+    root, docs_dir = Path(root), Path(docs_dir)
+    template_path = root / TEMPLATE_NAME
+    if not template_path.is_file():
+        raise FileNotFoundError(f"No report template {template_path}: the report's prose (introduction, caveats) "
+                                "lives there, with {{section}} placeholders for the generated parts.")
+    figures = docs_dir / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    all_results = [collect(e) for e in load_experiments(root)]
+    text = fill(template_path.read_text(), sections(all_results, figures), template_path)
+    out = docs_dir / "RESULTS.md"
+    atomic_write_text(out, text)
+    return out

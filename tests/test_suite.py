@@ -1,0 +1,355 @@
+"""The experiment suite and its report, end to end on tiny local checkpoints in temporary directories.
+
+Most tests train in-process (``run_in_child`` replaced by a direct ``train`` call: the same training, without a
+process start per run); ``test_a_run_trains_in_its_own_process`` covers the child process.
+"""
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from duallora import suite
+from duallora.cli import main
+from duallora.train import train
+
+
+def base_options(tiny_checkpoints, tiny_csv, **extra):
+    return {"model": str(tiny_checkpoints["bert"]), "task": str(tiny_csv), "text_column": "text",
+            "label_column": "label", "max_steps": 4, "save_every": 2, "batch_size": 8, "max_length": 16,
+            "max_eval_examples": 24, **extra}
+
+
+def write_experiment(root, name, config):
+    directory = root / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    return directory
+
+
+def comparison(tiny_checkpoints, tiny_csv):
+    return {"base": base_options(tiny_checkpoints, tiny_csv), "methods": ["lora", "dual"],
+            "lr_grid": ["1e-5", 0.02], "seeds": [0, 1]}  # "1e-5": YAML 1.1 reads it as a string
+
+
+class InProcess:
+    """Stands in for ``run_in_child``: trains in this process and records (run, resume, first step taken)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cfg, resume):
+        steps = []
+        train(cfg, resume=resume, overwrite=not resume, progress=False, on_step=lambda step, *_: steps.append(step))
+        self.calls.append((cfg.output_dir.rsplit("/", 1)[-1], resume, steps[0] if steps else None))
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    runner = InProcess()
+    monkeypatch.setattr(suite, "run_in_child", runner)
+    return runner
+
+
+@pytest.fixture
+def no_child(monkeypatch):
+    def refuse(cfg, resume):
+        raise AssertionError(f"no run should start; {cfg.output_dir} did")
+
+    monkeypatch.setattr(suite, "run_in_child", refuse)
+
+
+@pytest.fixture(scope="module")
+def comparison_made_once(tiny_checkpoints, tiny_csv, tmp_path_factory):
+    """A 2-lr grid x 2 methods x 2 seeds comparison, run to the end through the command line (once per module)."""
+    where = tmp_path_factory.mktemp("suite")
+    root, runs = where / "experiments", where / "runs"
+    write_experiment(root, "cmp", comparison(tiny_checkpoints, tiny_csv))
+    shutil.copy(suite_template(), root / "report_template.md")
+    return where, suite_in_process(["--root", str(root), "--runs-dir", str(runs)])
+
+
+def suite_in_process(argv):
+    """``duallora suite ARGV`` with every run trained in this process; returns the runner's calls."""
+    runner = InProcess()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(suite, "run_in_child", runner)
+        assert main(["suite", *argv]) == 0
+    return runner.calls
+
+
+@pytest.fixture
+def finished_comparison(comparison_made_once, tmp_path, in_process):
+    """A copy of the finished comparison for one test to change: (experiments root, runs dir, runner)."""
+    made, calls = comparison_made_once
+    shutil.copytree(made, tmp_path / "copy")
+    in_process.calls[:] = calls
+    return tmp_path / "copy" / "experiments", tmp_path / "copy" / "runs", in_process
+
+
+def suite_template():
+    return Path(__file__).parents[1] / "experiments" / "report_template.md"
+
+
+def results(root, name="cmp"):
+    return {p.stem: json.loads(p.read_text()) for p in (root / name / "results").glob("*.json")}
+
+
+def test_comparison_picks_the_lr_with_the_best_validation_score(finished_comparison):
+    root, runs, runner = finished_comparison
+    found = results(root)
+    grid = [f"{m}-lr{lr}-seed0" for m in ("lora", "dual") for lr in ("1e-05", "0.02")]
+    later = [f"{m}-lr{_best(found, m)}-seed1" for m in ("lora", "dual")]
+    assert sorted(found) == sorted(grid + later)
+    for method in ("lora", "dual"):
+        later = found[f"{method}-lr{_best(found, method)}-seed1"]
+        assert later["config"]["lr"] == float(_best(found, method)) and later["config"]["seed"] == 1
+    record = found["dual-lr0.02-seed0"]
+    assert "losses" not in record and record["loss_curve"]["step"][-1] == 4
+    assert record["suite"] == {"experiment": "cmp", "run": "dual-lr0.02-seed0", "label": "dual", "lr": 0.02,
+                               "seed": 0, "wall_seconds": record["suite"]["wall_seconds"]}
+    assert record["config"]["method"] == "dual" and record["environment"]["torch"]
+    assert [call[1] for call in runner.calls] == [False] * 6  # six fresh runs, none resumed
+
+
+def _best(found, method):
+    """The grid lr with the best validation accuracy at seed 0, ties to the first listed (as the suite picks)."""
+    scores = [(found[f"{method}-lr{lr}-seed0"]["validation"]["accuracy"], -i, lr)
+              for i, lr in enumerate(("1e-05", "0.02"))]
+    return max(scores)[2]
+
+
+def test_second_invocation_starts_no_run(finished_comparison, no_child, capsys):
+    root, runs, _ = finished_comparison
+    capsys.readouterr()
+    assert main(["suite", "--root", str(root), "--runs-dir", str(runs)]) == 0
+    assert "0 run(s) made" in capsys.readouterr().out
+    assert main(["suite", "--root", str(root), "--runs-dir", str(runs), "--list"]) == 0
+    assert "6/6   finished" in capsys.readouterr().out
+
+
+def test_missing_results_are_rewritten_without_training(finished_comparison):
+    root, runs, runner = finished_comparison
+    before = results(root)
+    runner.calls.clear()
+    (root / "cmp" / "results" / "lora-lr0.02-seed0.json").unlink()  # lost; the run directory is intact
+    assert main(["suite", "--root", str(root), "--runs-dir", str(runs)]) == 0
+    assert runner.calls == []
+    after = results(root)
+    assert after["lora-lr0.02-seed0"]["test"] == before["lora-lr0.02-seed0"]["test"]
+    assert not (runs / "cmp" / "lora-lr0.02-seed0" / "checkpoints").exists()  # deleted once the results are kept
+    assert (runs / "cmp" / "lora-lr0.02-seed0" / "adapter_model.safetensors").exists()
+
+
+class Interrupting(InProcess):
+    """Trains like InProcess, but the run ``name`` is interrupted (Ctrl-C) after step 3, once."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name, self.interrupted = name, False
+
+    def __call__(self, cfg, resume):
+        if self.interrupted or not cfg.output_dir.endswith(self.name):
+            return super().__call__(cfg, resume)
+        self.interrupted = True
+
+        def interrupt(step, *_):
+            if step == 3:
+                raise KeyboardInterrupt
+
+        train(cfg, resume=resume, overwrite=not resume, progress=False, on_step=interrupt)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(finished_comparison, monkeypatch):
+    root, runs, runner = finished_comparison
+    before = results(root)
+    (root / "cmp" / "results" / "dual-lr0.02-seed0.json").unlink()
+    shutil.rmtree(runs / "cmp" / "dual-lr0.02-seed0")
+    monkeypatch.setattr(suite, "run_in_child", Interrupting("dual-lr0.02-seed0"))
+    assert main(["suite", "--root", str(root), "--runs-dir", str(runs)]) == 130  # Ctrl-C during the run
+    assert (runs / "cmp" / "dual-lr0.02-seed0" / "checkpoints" / "step-0000002").exists()
+    assert not (root / "cmp" / "results" / "dual-lr0.02-seed0.json").exists()
+    runner.calls.clear()
+    monkeypatch.setattr(suite, "run_in_child", runner)
+    assert main(["suite", "--root", str(root), "--runs-dir", str(runs)]) == 0
+    assert runner.calls == [("dual-lr0.02-seed0", True, 3)]  # resumed at step 3, from the step-2 checkpoint
+    after = results(root)
+    assert after["dual-lr0.02-seed0"]["test"] == before["dual-lr0.02-seed0"]["test"]
+    assert after["dual-lr0.02-seed0"]["loss_curve"] == before["dual-lr0.02-seed0"]["loss_curve"]
+    assert after["dual-lr0.02-seed0"]["suite"]["wall_seconds"] is None  # a resumed run's time is not whole
+
+
+def test_dry_run_lists_runs_and_later_seeds_wait_for_the_grid(tiny_checkpoints, tiny_csv, tmp_path, no_child,
+                                                              capsys):
+    root = tmp_path / "experiments"
+    write_experiment(root, "cmp", comparison(tiny_checkpoints, tiny_csv))
+    assert main(["suite", "--root", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "cmp (comparison" in out and "0 of 6 runs finished" in out
+    assert out.count(" to run") == 4 and out.count("after its grid (lr chosen on validation)") == 2
+    assert "lora-lr?-seed1" in out and "no estimate" in out
+    assert not (root / "cmp" / "results").exists()
+
+
+def test_dry_run_estimates_from_runs_already_made(finished_comparison, capsys):
+    root, runs, _ = finished_comparison
+    later = next((root / "cmp" / "results").glob("dual-*-seed1.json"))
+    later.unlink()
+    capsys.readouterr()
+    assert main(["suite", "--root", str(root), "--runs-dir", str(runs), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "5 of 6 runs finished" in out and "no estimate" not in out
+    assert [line.split()[:3] for line in out.splitlines() if later.stem in line] == [[later.stem, "to", "run"]]
+
+
+def test_report_with_partial_results_says_not_run_yet(finished_comparison, tiny_checkpoints, tiny_csv, tmp_path):
+    root, runs, _ = finished_comparison
+    # mid-suite: dual's grid half done, its later seed missing; an ablation not started
+    for name in ("dual-lr0.02-seed0", *[p.stem for p in (root / "cmp" / "results").glob("dual-*-seed1.json")]):
+        (root / "cmp" / "results" / f"{name}.json").unlink()
+    write_experiment(root, "abl", {"base": base_options(tiny_checkpoints, tiny_csv, method="dual", lr=0.01),
+                                   "variants": {"default": {}, "relu-off": {"magnitude_activation": "identity"}},
+                                   "seeds": [0, 1, 2]})
+    docs = tmp_path / "docs"
+    assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(docs)]) == 0
+    text = (docs / "RESULTS.md").read_text()
+    assert "choosing lr: 1 of 2 grid runs finished" in text
+    assert "| relu-off | magnitude_activation=identity |" in text and "not run yet" in text
+    assert "4 of 6" in text and "0 of 6" in text  # the budget table's progress per experiment
+    assert "| Dual LoRA | GLUE, RoBERTa-base: +1.6 points over LoRA | dual - lora | not run yet |" in text
+    assert (docs / "results" / "cmp.png").exists() and not (docs / "results" / "abl.png").exists()
+    assert "{{" not in text and "**Caveats.**" in text
+
+
+@pytest.fixture(scope="module")
+def rank_analysis(tiny_checkpoints, tiny_csv, tmp_path_factory):
+    """A finished rank-analysis experiment (Dual LoRA at r=8, LoRA at r=4, one seed, inspected): its root."""
+    where = tmp_path_factory.mktemp("ranks")
+    root = where / "experiments"
+    write_experiment(root, "ranks", {"base": base_options(tiny_checkpoints, tiny_csv, lr=0.01, warmup_steps=2),
+                                     "variants": {"dual": {"method": "dual"}, "lora": {"method": "lora", "r": 4}},
+                                     "seeds": [0], "inspect": True})
+    suite_in_process(["ranks", "--root", str(root), "--runs-dir", str(where / "runs")])
+    return root
+
+
+def test_rank_analysis_is_kept_in_the_results_and_reported(rank_analysis, tmp_path):
+    found = results(rank_analysis, "ranks")
+    dual = found["dual-seed0"]["inspect"]
+    assert all(row["rank_dW"] > row["lora_bound"] for row in dual)  # Dual LoRA's update is not bounded by r
+    assert "rank_magnitude" in dual[0] and "rank_magnitude" not in found["lora-seed0"]["inspect"][0]
+    shutil.copy(suite_template(), rank_analysis / "report_template.md")
+    docs = tmp_path / "docs"
+    assert main(["suite", "--root", str(rank_analysis), "--report", "--docs-dir", str(docs)]) == 0
+    text = (docs / "RESULTS.md").read_text()
+    assert "- dual (r=8): dW is full rank in" in text and "| lora | query |" in text
+    assert (docs / "results" / "ranks-rank.png").exists()
+
+
+def test_lora_rank_stays_within_its_bound(rank_analysis):
+    lora = results(rank_analysis, "ranks")["lora-seed0"]["inspect"]
+    assert all(row["rank_dW"] <= row["lora_bound"] == 4 for row in lora)
+
+
+def test_a_run_trains_in_its_own_process(tiny_checkpoints, tiny_csv, tmp_path):
+    root = tmp_path / "experiments"
+    write_experiment(root, "one", {"base": base_options(tiny_checkpoints, tiny_csv, method="lora", max_steps=2),
+                                   "variants": {"default": {}}, "seeds": [0]})
+    assert main(["suite", "--root", str(root), "--runs-dir", str(tmp_path / "runs")]) == 0
+    record = results(root, "one")["default-seed0"]
+    assert record["steps"] == 2 and record["suite"]["wall_seconds"] > 0
+    assert (tmp_path / "runs" / "one" / "default-seed0" / "adapter_model.safetensors").exists()
+
+
+def test_results_made_with_other_options_are_refused(finished_comparison, no_child, capsys):
+    root, runs, _ = finished_comparison
+    config = yaml.safe_load((root / "cmp" / "config.yaml").read_text())
+    config["base"]["max_steps"] = 5
+    (root / "cmp" / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["suite", "--root", str(root), "--runs-dir", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert "was made with other options than" in err and "max_steps: 4 there, 5 now" in err
+    assert "delete the results file to run it again" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": ["lora", "qlora"]}, "qlora: Unknown method 'qlora'; valid: ['dual', 'd2', 'lora', 'dora', 'full']"),
+    ({"methods": ["full-2r"]}, "Unknown method 'full-2r'"),
+    ({"lr_grid": []}, "lr_grid is empty or not a list; list at least one learning rate"),
+    ({"lr_grid": [0.01, "fast"]}, "lr_grid must hold numbers"),
+    ({"seeds": []}, "seeds must be a non-empty list of distinct integers"),
+    ({"base": {"learning_rate": 0.1}}, "Unknown run option(s) ['learning_rate']"),
+    ({"base": {"seed": 3}}, "base sets ['seed'], which the suite sets for every run"),
+    ({"base": {"lr": 0.1}}, "base sets ['lr'], which the suite sets for every run"),
+    ({"base": {"ste": "round"}}, "`ste` must be one of ['clip', 'identity', 'hardtanh']; got 'round'"),
+    ({"lrs": [0.1]}, "unknown key(s) ['lrs']"),
+    ({"variants": {"a": {}}}, "give either `methods` and `lr_grid` (a comparison) or `variants` (an ablation)"),
+])
+def test_bad_config_names_the_problem(tiny_checkpoints, tiny_csv, tmp_path, no_child, capsys, change, message):
+    config = comparison(tiny_checkpoints, tiny_csv)
+    if "base" in change:
+        config["base"].update(change.pop("base"))
+    config.update(change)
+    root = tmp_path / "experiments"
+    write_experiment(root, "bad", config)
+    assert main(["suite", "--root", str(root), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "bad/config.yaml" in err and message in err, err
+
+
+def test_bad_suite_layout_names_the_problem(tmp_path, no_child, capsys):
+    root = tmp_path / "experiments"
+    (root / "empty").mkdir(parents=True)
+    cases = [(["suite", "--root", str(tmp_path / "nowhere")], "No experiments root"),
+             (["suite", "--root", str(root)], "empty has no config.yaml"),
+             (["suite", "missing", "--root", str(root)], "No experiment named ['missing']"),
+             (["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "d")], "No report template")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, (argv, message)
+
+
+def test_rank_multiplier_scales_r_and_alpha(tiny_checkpoints, tiny_csv, tmp_path):
+    config = comparison(tiny_checkpoints, tiny_csv)
+    config["base"].update(r=4, alpha=12)
+    config["methods"] = ["lora-2r", "d2"]
+    experiment = suite.load_experiment(write_experiment(tmp_path, "x", config))
+    lora2r, d2 = (suite.Run(experiment, m, 0.01, 0).config() for m in ("lora-2r", "d2"))
+    assert (lora2r.method, lora2r.r, lora2r.alpha) == ("lora", 8, 24)
+    assert (d2.method, d2.r, d2.alpha) == ("d2", 4, 12)  # D2-LoRA at r, as the papers run it
+    assert experiment.lr_grid == (1e-5, 0.02)
+
+
+def fabricate(experiment, label, lr, seed, test_accuracy):
+    """A results file for one planned run with a given test accuracy, written as the suite writes it (no training)."""
+    run = suite.Run(experiment, label, lr, seed)
+    cfg = run.config()
+    metrics = {"method": cfg.method, "model": cfg.model, "task": "reviews.csv", "task_kind": "classification",
+               "primary_metric": "accuracy", "test": {"accuracy": test_accuracy}, "validation": {"accuracy": 0.5},
+               "evaluations": [], "losses": [1.0, 0.5], "steps": 2, "train_seconds": 1.0, "peak_memory_mib": 100.0,
+               "trainable_params": 10, "total_params": 100, "majority_baseline": 0.5, "config": asdict(cfg)}
+    experiment.results_dir.mkdir(parents=True, exist_ok=True)
+    run.results_path.write_text(json.dumps(suite.results_record(run, cfg, metrics, 1.0, None)))
+
+
+def test_claims_are_computed_from_the_numbers(tiny_checkpoints, tiny_csv, tmp_path):
+    config = comparison(tiny_checkpoints, tiny_csv)
+    config.update(lr_grid=[0.01], seeds=[0, 1, 2])
+    root = tmp_path / "experiments"
+    experiment = suite.load_experiment(write_experiment(root, "cmp", config))
+    for seed, (dual, lora) in enumerate([(0.60, 0.50), (0.62, 0.52), (0.64, 0.54)]):
+        fabricate(experiment, "dual", 0.01, seed, dual)
+        fabricate(experiment, "lora", 0.01, seed, lora)
+    shutil.copy(suite_template(), root / "report_template.md")
+    assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    # dual 62.0 ± 2.0 and lora 52.0 ± 2.0 over 3 seeds: +10.0 with a standard error of sqrt(2 * 4 / 3) = 1.6
+    assert "| dual | 8 | 10 | 0.01 | **62.0 ± 2.0** | 3 |" in text and "| lora | 8 | 10 | 0.01 | 52.0 ± 2.0 | 3 |" in text
+    claim = next(line for line in text.splitlines() if "+1.6 points over LoRA | dual - lora" in line)
+    assert "| +10.0 ± 1.6 |" in claim
+    assert "agrees in direction: a gain beyond 2 standard errors; the paper's figure is outside" in claim
+    assert "| D2-LoRA | matches DoRA | d2 - dora | not run yet |" in text
