@@ -25,7 +25,10 @@ import time
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench"
-METHODS = ("lora", "lora-2r", "dora", "dual", "dual-bf16-grad", "dual-autograd", "d2", "full")
+METHODS = ("lora", "lora-2r", "dora", "dual", "dual-eager", "dual-bf16-grad", "dual-autograd", "d2", "full")
+# methods that are another method run with an environment setting: dual-eager is dual without torch.compile, so
+# that the compiled kernels' share of time and memory (the compiler's runtime included) can be read off
+ENVIRONMENT = {"dual-eager": {"DUALLORA_COMPILE": "0"}}
 TARGETS = [  # (method, metric, against, bound, description)
     ("dual", "peak_mib", "lora", 0.85, "Dual LoRA peak memory <= 0.85x LoRA"),
     ("dual", "step_seconds", "lora", 1.15, "Dual LoRA step time <= 1.15x LoRA"),
@@ -52,6 +55,7 @@ def adapter_config(method: str, r: int, task_type: str):
         "dual": lambda: DualLoraConfig(**common(r)),
         "dual-bf16-grad": lambda: DualLoraConfig(weight_grad_dtype="bfloat16", **common(r)),
         "dual-autograd": lambda: DualLoraConfig(memory_efficient=False, **common(r)),
+        "dual-eager": lambda: DualLoraConfig(**common(r)),  # with DUALLORA_COMPILE=0, see ENVIRONMENT
         "d2": lambda: D2LoraConfig(**common(r)),
         "full": lambda: None,
     }[method]()
@@ -240,7 +244,8 @@ def main() -> None:
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--child", method] + [
             f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "methods", "output_dir", "replot")]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True,
+                             env={**os.environ, **ENVIRONMENT.get(method, {})})
         if out.returncode != 0:
             raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
