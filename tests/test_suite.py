@@ -353,3 +353,24 @@ def test_claims_are_computed_from_the_numbers(tiny_checkpoints, tiny_csv, tmp_pa
     assert "| +10.0 ± 1.6 |" in claim
     assert "agrees in direction: a gain beyond 2 standard errors; the paper's figure is outside" in claim
     assert "| D2-LoRA | matches DoRA | d2 - dora | not run yet |" in text
+
+
+def test_a_task_where_every_run_scored_the_majority_class_is_left_out_of_the_claims(tiny_checkpoints, tiny_csv,
+                                                                                     tmp_path):
+    config = comparison(tiny_checkpoints, tiny_csv)
+    config.update(lr_grid=[0.01], seeds=[0, 1, 2])
+    root = tmp_path / "experiments"
+    experiment = suite.load_experiment(write_experiment(root, "cmp", config))
+    for seed in range(3):
+        fabricate(experiment, "dual", 0.01, seed, 0.5)  # 0.5 = the fabricated majority baseline
+        fabricate(experiment, "lora", 0.01, seed, 0.5)
+    shutil.copy(suite_template(), root / "report_template.md")
+    assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "Left out: " in text and "where every run scored exactly the majority class" in text
+    claim = next(line for line in text.splitlines() if "+1.6 points over LoRA | dual - lora" in line)
+    assert "not run yet" in claim  # no informative task left for the claim
+    fabricate(experiment, "dual", 0.01, 2, 0.6)  # one run that learned something: the task counts again
+    assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "Left out: " not in text

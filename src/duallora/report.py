@@ -105,6 +105,14 @@ class ExperimentResults:
     def group(self, label: str) -> Optional[Group]:
         return next((g for g in self.groups if g.label == label and g.results), None)
 
+    @property
+    def learned_nothing(self) -> bool:
+        """Every finished run scored exactly the majority class on test: at this budget the task taught no method
+        anything, so a difference between methods there says nothing about them."""
+        majority = self.any_result.get("majority_baseline") if self.any_result else None
+        return majority is not None and all(abs(r["test"][r["primary_metric"]] - majority) < 1e-9
+                                            for r in self.finished.values())
+
 
 def collect(experiment: Experiment) -> ExperimentResults:
     """The experiment's finished runs, grouped: a comparison's methods at their chosen lr, an ablation's variants."""
@@ -307,7 +315,7 @@ def difference(comparisons: list[ExperimentResults], claim: Claim) -> Optional[D
     picked, for "best baseline"); None where no task has both yet."""
     diffs, errors, used, seeds, own = [], [], [], [], []
     for res in comparisons:
-        if _kind(res) not in claim.kinds:
+        if _kind(res) not in claim.kinds or res.learned_nothing:
             continue
         ours, other = res.group(claim.ours), _other_group(res, claim.other)
         if ours is None or other is None:
@@ -356,8 +364,11 @@ def claims_table(comparisons: list[ExperimentResults]) -> str:
             continue
         rows.append([claim.paper, claim.claim, pair, f"{d.mean:+.1f} ± {d.se:.1f}", "; ".join(d.tasks),
                      verdict(claim, d)])
+    idle = [res.task for res in comparisons if res.learned_nothing]
+    left_out = (f" Left out: {', '.join(idle)}, where every run scored exactly the majority class (the budget taught "
+                "no method anything there)." if idle else "")
     return ("Ours: the difference of test means in points (± its standard error), averaged over the tasks listed; "
-            "a verdict needs the difference to exceed 2 standard errors.\n\n" +
+            "a verdict needs the difference to exceed 2 standard errors." + left_out + "\n\n" +
             _table(["paper", "claim", "ours", "difference", "tasks", "verdict"], rows))
 
 
