@@ -319,13 +319,15 @@ class _BlockedBackward:
         matmul_dtype = kernel.weight_grad_dtype or grad_out.dtype
         self.x_mm, self.g_mm = self.x.to(matmul_dtype), self.g.to(matmul_dtype)
         self.factor_dtype = factor_dtype
-        self.grad_x = torch.zeros_like(self.x, dtype=grad_out.dtype) if input_grad else None
+        self.grad_x = torch.empty_like(self.x, dtype=grad_out.dtype) if input_grad else None
+        self._beta = 0.0  # the first block overwrites grad_x (no zero fill in the hot path), later ones add to it
 
     def weight_grad(self, s: slice) -> torch.Tensor:
         return (self.g_mm[:, s].t() @ self.x_mm).to(self.factor_dtype)
 
     def add_input_grad(self, s: slice, weight_rows: torch.Tensor) -> None:
-        self.grad_x.addmm_(self.g[:, s], weight_rows.to(self.grad_x.dtype))
+        self.grad_x.addmm_(self.g[:, s], weight_rows.to(self.grad_x.dtype), beta=self._beta)
+        self._beta = 1.0
 
     def input_grad(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None if self.grad_x is None else self.grad_x.reshape(x.shape).to(x.dtype)

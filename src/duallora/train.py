@@ -205,11 +205,6 @@ def make_accelerator(grad_accum: int):
     return Accelerator(gradient_accumulation_steps=grad_accum, cpu=several and not torch.cuda.is_available())
 
 
-def full_state_dict(model, accelerator) -> dict:
-    """The model's whole state dict on the main process (gathered from the shards under FSDP; every process must
-    call this, the gather is collective)."""
-    return accelerator.get_state_dict(model)
-
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
     complete = sorted((out / "checkpoints").glob("step-*/trainer_state.pt"))
@@ -338,7 +333,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
               f"{total_steps} steps", file=sys.stderr)
 
     def save_checkpoint():
-        weights = full_state_dict(model, accelerator)
+        weights = accelerator.get_state_dict(model)  # gathered under FSDP: every process must call it
 
         def write(tmp: Path):
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=weights)
@@ -425,7 +420,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         "majority_baseline": majority_baseline(task, task.test[: cfg.max_eval_examples]),
         "config": asdict(cfg), "environment": environment(),
     }
-    weights = full_state_dict(model, accelerator)
+    weights = accelerator.get_state_dict(model)  # gathered under FSDP: every process must call it
     if accelerator.is_main_process:
         publish_weights(accelerator.unwrap_model(model), out, weights)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
