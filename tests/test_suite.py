@@ -5,6 +5,7 @@ process start per run); ``test_a_run_trains_in_its_own_process`` covers the chil
 """
 
 import json
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -222,6 +223,28 @@ def test_report_with_partial_results_says_not_run_yet(finished_comparison, tiny_
     assert "| Dual LoRA | GLUE, RoBERTa-base: +1.6 points over LoRA | dual - lora | not run yet |" in text
     assert (docs / "results" / "cmp.png").exists() and not (docs / "results" / "abl.png").exists()
     assert "{{" not in text and "**Caveats.**" in text
+
+
+def test_report_fills_the_readme_between_its_markers_only(finished_comparison, tmp_path, capsys):
+    root, _, _ = finished_comparison
+    readme = root.parent / "README.md"
+    readme.write_text("# project\n\nbefore\n\n<!-- results:start -->\nstale\n<!-- results:end -->\n\nafter\n")
+    docs = tmp_path / "docs"
+    for _ in range(2):  # a second build replaces the first summary instead of adding to it
+        assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(docs)]) == 0
+    assert str(readme) in capsys.readouterr().out
+    text = readme.read_text()
+    assert text.startswith("# project\n\nbefore\n\n<!-- results:start -->\nStatus: 6 of 6 runs finished")
+    assert text.endswith("<!-- results:end -->\n\nafter\n") and "stale" not in text
+    assert text.count("| method |") == 1 and text.count("| paper | claim |") == 1
+    report = (docs / "RESULTS.md").read_text()
+    headline = next(line for line in text.splitlines() if line.startswith("| dual |"))
+    assert headline in report  # the same row as the report's headline table
+    assert f"({os.path.relpath(docs / 'RESULTS.md', readme.parent)})" in text  # a link that resolves from the README
+
+    readme.write_text("no markers here\n")  # a README without the markers is left alone
+    assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(docs)]) == 0
+    assert readme.read_text() == "no markers here\n" and str(readme) not in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

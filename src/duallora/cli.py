@@ -164,7 +164,8 @@ def cmd_suite(args) -> None:
 
         if args.names:
             raise ValueError(f"--report covers every experiment; drop the names {args.names}.")
-        print(f"Written: {build_report(root, Path(args.docs_dir))} (figures in {Path(args.docs_dir) / 'results'})")
+        written = build_report(root, Path(args.docs_dir))
+        print(f"Written: {', '.join(map(str, written))} (figures in {Path(args.docs_dir) / 'results'})")
     elif args.list:
         print(listing(root, args.names))
     elif args.dry_run:
@@ -217,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--dry-run", action="store_true", help="list what would run, with estimated times")
     mode.add_argument("--list", action="store_true", help="list the experiments and how many runs are finished")
     mode.add_argument("--report", action="store_true", help="build DOCS_DIR/RESULTS.md and its figures from the "
-                                                            "results files only (runs nothing)")
+                                                            "results files only (runs nothing), and the summary in the "
+                                                            "README beside ROOT between its results markers")
     p.add_argument("--root", default="experiments", help="folder of the experiments (default: experiments)")
     p.add_argument("--runs-dir", default=str(DEFAULT_RUNS_DIR),
                    help=f"where runs write adapters and checkpoints (default: {DEFAULT_RUNS_DIR})")

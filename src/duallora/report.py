@@ -13,6 +13,7 @@ The hand-written prose (the introduction and the caveats) lives in ``<root>/repo
 from __future__ import annotations
 
 import math
+import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from .suite import Experiment, Run, chosen_lr, finished_runs, load_experiments, 
 from .train import atomic_write_text
 
 TEMPLATE_NAME = "report_template.md"
+# The README beside the experiments folder gets the headline and the claims between these markers (if it has them).
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 NOT_RUN = "not run yet"
 METRIC_NAMES = {"accuracy": "accuracy", "bleu": "BLEU", "rougeL": "ROUGE-L"}
 KIND_ORDER = ("classification", "multiple_choice", "generation")  # NLU, commonsense, NLG: the papers' order
@@ -566,8 +569,27 @@ def fill(template: str, values: dict[str, str], where: Path) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
 
 
-def build_report(root: Path, docs_dir: Path) -> Path:
-    """Write ``docs_dir/RESULTS.md`` and its figures in ``docs_dir/results/`` from ``root``'s experiments."""
+def readme_summary(values: dict[str, str], report: str) -> str:
+    """The README's short form of the report: status, headline table and the claims, with a link to the rest."""
+    pointer = (f"Status: {values['status']} Built by `duallora suite --report` from the committed results; per-task "
+               f"tables, learning rates, costs, ablations, rank analysis and caveats: [{report}]({report}).")
+    return "\n\n".join([pointer, values["headline"], values["claims"]])
+
+
+def update_readme(readme: Path, summary: str) -> bool:
+    """Put ``summary`` between the README's results markers; False (nothing written) if it lacks them."""
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    atomic_write_text(readme, f"{head}{README_START}\n{summary}\n{README_END}{tail}")
+    return True
+
+
+def build_report(root: Path, docs_dir: Path) -> list[Path]:
+    """Write ``docs_dir/RESULTS.md`` and its figures in ``docs_dir/results/`` from ``root``'s experiments, and the
+    summary into the README beside ``root`` if it has the results markers. Returns the text files written."""
     root, docs_dir = Path(root), Path(docs_dir)
     template_path = root / TEMPLATE_NAME
     if not template_path.is_file():
@@ -576,7 +598,10 @@ def build_report(root: Path, docs_dir: Path) -> Path:
     figures = docs_dir / "results"
     figures.mkdir(parents=True, exist_ok=True)
     all_results = [collect(e) for e in load_experiments(root)]
-    text = fill(template_path.read_text(), sections(all_results, figures), template_path)
+    values = sections(all_results, figures)
+    text = fill(template_path.read_text(), values, template_path)
     out = docs_dir / "RESULTS.md"
     atomic_write_text(out, text)
-    return out
+    readme = root.resolve().parent / "README.md"
+    report_link = Path(os.path.relpath(out.resolve(), readme.parent)).as_posix()
+    return [out] + ([readme] if update_readme(readme, readme_summary(values, report_link)) else [])
