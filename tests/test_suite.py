@@ -209,7 +209,9 @@ def test_dry_run_estimates_from_runs_already_made(finished_comparison, capsys):
 def test_report_with_partial_results_says_not_run_yet(finished_comparison, tiny_checkpoints, tiny_csv, tmp_path):
     root, runs, _ = finished_comparison
     # mid-suite: dual's grid half done, its later seed missing; an ablation not started
-    for name in ("dual-lr0.02-seed0", *[p.stem for p in (root / "cmp" / "results").glob("dual-*-seed1.json")]):
+    # and lora's lr chosen but its later seed missing
+    later_seeds = [p.stem for p in (root / "cmp" / "results").glob("*-seed1.json")]
+    for name in ("dual-lr0.02-seed0", *later_seeds):
         (root / "cmp" / "results" / f"{name}.json").unlink()
     write_experiment(root, "abl", {"base": base_options(tiny_checkpoints, tiny_csv, method="dual", lr=0.01),
                                    "variants": {"default": {}, "relu-off": {"magnitude_activation": "identity"}},
@@ -219,7 +221,9 @@ def test_report_with_partial_results_says_not_run_yet(finished_comparison, tiny_
     text = (docs / "RESULTS.md").read_text()
     assert "choosing lr: 1 of 2 grid runs finished" in text
     assert "| relu-off | magnitude_activation=identity |" in text and "not run yet" in text
-    assert "4 of 6" in text and "0 of 6" in text  # the budget table's progress per experiment
+    assert "3 of 6" in text and "0 of 6" in text  # the budget table's progress per experiment
+    lora_headline = next(line for line in text.splitlines() if line.startswith("| lora |"))
+    assert lora_headline.endswith(" (1 of 2 seeds) |") and " ± " not in lora_headline
     assert "| Dual LoRA | GLUE, RoBERTa-base: +1.6 points over LoRA | dual - lora | not run yet |" in text
     assert (docs / "results" / "cmp.png").exists() and not (docs / "results" / "abl.png").exists()
     assert "{{" not in text and "**Caveats.**" in text
@@ -397,3 +401,20 @@ def test_a_task_where_every_run_scored_the_majority_class_is_left_out_of_the_cla
     assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "Left out: " not in text
+
+
+def test_committed_results_match_their_configs_and_the_committed_report(tmp_path):
+    """The repository's own experiments: every results file belongs to a planned run made with its config's options,
+    and docs/RESULTS.md and the README's summary are what `duallora suite --report` builds from them now."""
+    repo = Path(__file__).parents[1]
+    for experiment in suite.load_experiments(repo / "experiments"):
+        planned = {run.name for run in suite.plan(experiment, suite.finished_runs(experiment))}
+        assert set(suite.read_results(experiment)) <= planned, experiment.name
+    shutil.copytree(repo / "experiments", tmp_path / "experiments")
+    shutil.copy(repo / "README.md", tmp_path / "README.md")
+    assert main(["suite", "--root", str(tmp_path / "experiments"), "--report", "--docs-dir",
+                 str(tmp_path / "docs")]) == 0
+    stale = "is stale: rebuild it with `duallora suite --report` and commit it with the results"
+    assert (tmp_path / "docs" / "RESULTS.md").read_text() == (repo / "docs" / "RESULTS.md").read_text(), \
+        f"docs/RESULTS.md {stale}"
+    assert (tmp_path / "README.md").read_text() == (repo / "README.md").read_text(), f"README.md's summary {stale}"

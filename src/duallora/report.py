@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .evaluate import PRIMARY_METRIC
 from .suite import Experiment, Run, chosen_lr, finished_runs, load_experiments, plan, summary
+from .tasks.bigbench import BIGBENCH_KINDS
 from .train import atomic_write_text
 
 TEMPLATE_NAME = "report_template.md"
@@ -84,8 +86,17 @@ class ExperimentResults:
         return next(iter(self.finished.values()), None)
 
     @property
+    def kind(self) -> Optional[str]:
+        """The task's kind from a finished run, else from the built-in task's name (None for a task file)."""
+        if self.any_result:
+            return self.any_result["task_kind"]
+        return BIGBENCH_KINDS.get(self.experiment.base.get("task"))
+
+    @property
     def metric(self) -> Optional[str]:
-        return self.any_result["primary_metric"] if self.any_result else None
+        if self.any_result:
+            return self.any_result["primary_metric"]
+        return PRIMARY_METRIC.get(self.kind)
 
     @property
     def metrics(self) -> list[str]:
@@ -233,8 +244,9 @@ def headline_table(comparisons: list[ExperimentResults]) -> str:
             elif group is None:
                 cells.append(next((g.note for g in c.groups if g.label == method), NOT_RUN))
             else:
-                cells.append(fmt_score(group.scores(c.metric), bold=statistics.mean(group.scores(c.metric)) ==
-                                       _best_mean(c, c.metric)))
+                scores, seeds = group.scores(c.metric), len(c.experiment.seeds)
+                partial = f" ({len(scores)} of {seeds} seeds)" if len(scores) < seeds else ""
+                cells.append(fmt_score(scores, bold=statistics.mean(scores) == _best_mean(c, c.metric)) + partial)
         rows.append([method] + cells)
     return _table(header, rows)
 
@@ -302,10 +314,6 @@ class Difference:
     ours: float  # our method's own mean score, averaged over the tasks
 
 
-def _kind(results: ExperimentResults) -> Optional[str]:
-    return results.any_result["task_kind"] if results.any_result else None
-
-
 def _other_group(results: ExperimentResults, other: str) -> Optional[Group]:
     if other != "best baseline":
         return results.group(other)
@@ -318,7 +326,7 @@ def difference(comparisons: list[ExperimentResults], claim: Claim) -> Optional[D
     picked, for "best baseline"); None where no task has both yet."""
     diffs, errors, used, seeds, own = [], [], [], [], []
     for res in comparisons:
-        if _kind(res) not in claim.kinds or res.learned_nothing:
+        if res.kind not in claim.kinds or res.learned_nothing:
             continue
         ours, other = res.group(claim.ours), _other_group(res, claim.other)
         if ours is None or other is None:
@@ -543,7 +551,7 @@ def rank_section(res: ExperimentResults, figures: Path) -> str:
 def sections(all_results: list[ExperimentResults], figures: Path) -> dict[str, str]:
     """The generated text of every template placeholder."""
     comparisons = sorted((r for r in all_results if r.experiment.kind == "comparison"),
-                         key=lambda r: KIND_ORDER.index(_kind(r)) if _kind(r) in KIND_ORDER else len(KIND_ORDER))
+                         key=lambda r: KIND_ORDER.index(r.kind) if r.kind in KIND_ORDER else len(KIND_ORDER))
     ablations = [r for r in all_results if r.experiment.kind == "ablation" and not r.experiment.inspect]
     inspected = [r for r in all_results if r.experiment.inspect]
     done = sum(r.done for r in all_results)

@@ -27,6 +27,9 @@ BIGBENCH_TASKS = {
     "strategyqa": "strategyqa",
     "e2e-nlg": "gem/e2e_nlg",
 }
+# Each task's kind, known before its files are read (the report labels and orders tasks not run yet by it).
+BIGBENCH_KINDS = {"sentiment": "classification", "fact-verification": "classification",
+                  "social-iqa": "multiple_choice", "strategyqa": "multiple_choice", "e2e-nlg": "generation"}
 SENTIMENT_LABELS = ["negative", "positive", "neutral", "ambivalent"]
 VERDICT_LABELS = ["True", "False", "Neither"]
 
@@ -125,25 +128,25 @@ def parse_task(name: str, raw: dict) -> Task:
     examples = raw["examples"]
     if name == "sentiment":
         items = [Example(e["input"], label=SENTIMENT_LABELS.index(_best(e["target_scores"]))) for e in examples]
-        return Task(name, "classification", *deterministic_split(items), label_names=SENTIMENT_LABELS)
+        return Task(name, BIGBENCH_KINDS[name], *deterministic_split(items), label_names=SENTIMENT_LABELS)
     if name == "fact-verification":
         items = []
         for e in examples:
             evidence, _, claim = e["input"].rpartition("\nClaim: ")
             items.append(Example(claim, text_pair=evidence, label=VERDICT_LABELS.index(_best(e["target_scores"]))))
-        return Task(name, "classification", *deterministic_split(items), label_names=VERDICT_LABELS)
+        return Task(name, BIGBENCH_KINDS[name], *deterministic_split(items), label_names=VERDICT_LABELS)
     if name in ("social-iqa", "strategyqa"):
         items = []
         for e in examples:
             choices = list(e["target_scores"])
             items.append(Example(e["input"].strip(), choices=choices, label=choices.index(_best(e["target_scores"]))))
         template = "Question: {text}\nAnswer:" if name == "social-iqa" else "Question: {text}\nAnswer (Yes or No):"
-        return Task(name, "multiple_choice", *deterministic_split(items), instruction=template)
+        return Task(name, BIGBENCH_KINDS[name], *deterministic_split(items), instruction=template)
     if name == "e2e-nlg":
         items = [Example(e["input"], references=[e["target"]]) for e in examples]
         train, validation, test = deterministic_split(items, groups=[e["input"] for e in examples])
         template = "Describe the restaurant with these attributes: {text}\nDescription:"
-        return Task(name, "generation", train, _merge_references(validation), _merge_references(test),
+        return Task(name, BIGBENCH_KINDS[name], train, _merge_references(validation), _merge_references(test),
                     instruction=template)
     raise ValueError(f"Unknown BIG-bench task {name!r}; valid: {sorted(BIGBENCH_TASKS)}")
 
