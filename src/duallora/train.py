@@ -205,7 +205,6 @@ def make_accelerator(grad_accum: int):
     return Accelerator(gradient_accumulation_steps=grad_accum, cpu=several and not torch.cuda.is_available())
 
 
-
 def latest_checkpoint(out: Path) -> Optional[Path]:
     complete = sorted((out / "checkpoints").glob("step-*/trainer_state.pt"))
     return complete[-1].parent if complete else None
