@@ -358,7 +358,8 @@ def fabricate(experiment, label, lr, seed, test_accuracy):
     metrics = {"method": cfg.method, "model": cfg.model, "task": "reviews.csv", "task_kind": "classification",
                "primary_metric": "accuracy", "test": {"accuracy": test_accuracy}, "validation": {"accuracy": 0.5},
                "evaluations": [], "losses": [1.0, 0.5], "steps": 2, "train_seconds": 1.0, "peak_memory_mib": 100.0,
-               "trainable_params": 10, "total_params": 100, "majority_baseline": 0.5, "config": asdict(cfg)}
+               "trainable_params": 10, "total_params": 100, "test_examples": 100, "majority_baseline": 0.5,
+               "config": asdict(cfg)}
     experiment.results_dir.mkdir(parents=True, exist_ok=True)
     run.results_path.write_text(json.dumps(suite.results_record(run, cfg, metrics, 1.0, None)))
 
@@ -382,25 +383,29 @@ def test_claims_are_computed_from_the_numbers(tiny_checkpoints, tiny_csv, tmp_pa
     assert "| D2-LoRA | matches DoRA | d2 - dora | not run yet |" in text
 
 
-def test_a_task_where_every_run_scored_the_majority_class_is_left_out_of_the_claims(tiny_checkpoints, tiny_csv,
-                                                                                     tmp_path):
+def test_a_task_where_no_method_beats_the_majority_class_is_left_out_of_the_claims(tiny_checkpoints, tiny_csv,
+                                                                                  tmp_path):
     config = comparison(tiny_checkpoints, tiny_csv)
     config.update(lr_grid=[0.01], seeds=[0, 1, 2])
     root = tmp_path / "experiments"
     experiment = suite.load_experiment(write_experiment(root, "cmp", config))
-    for seed in range(3):
-        fabricate(experiment, "dual", 0.01, seed, 0.5)  # 0.5 = the fabricated majority baseline
-        fabricate(experiment, "lora", 0.01, seed, 0.5)
+    # majority 0.5 on 100 test examples: 2 standard errors = 200 sqrt(0.25 / 100) = 10 points, so up to 60.0 is noise
+    for seed, (dual, lora) in enumerate([(0.56, 0.50), (0.58, 0.52), (0.60, 0.54)]):
+        fabricate(experiment, "dual", 0.01, seed, dual)
+        fabricate(experiment, "lora", 0.01, seed, lora)
     shutil.copy(suite_template(), root / "report_template.md")
     assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
-    assert "Left out: " in text and "where every run scored exactly the majority class" in text
+    assert "Majority class (test): 50.0; a method shows learning beyond it above 60.0 (2 standard errors" in text
+    assert "reviews.csv (best 58.0, majority class 50.0 + 10.0), where no method's test mean beats" in text
     claim = next(line for line in text.splitlines() if "+1.6 points over LoRA | dual - lora" in line)
-    assert "not run yet" in claim  # no informative task left for the claim
-    fabricate(experiment, "dual", 0.01, 2, 0.6)  # one run that learned something: the task counts again
+    assert "| – |  | no task of this kind taught the methods anything measurable" in claim
+    fabricate(experiment, "dual", 0.01, 2, 0.69)  # dual's mean is now 61.0: beyond the margin, the task counts
     assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "Left out: " not in text
+    claim = next(line for line in text.splitlines() if "+1.6 points over LoRA | dual - lora" in line)
+    assert "| +9.0 ± " in claim
 
 
 def test_committed_results_match_their_configs_and_the_committed_report(tmp_path):

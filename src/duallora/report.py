@@ -52,6 +52,18 @@ def fmt_score(values: list[float], bold: bool = False) -> str:
     return f"**{text}**" if bold else text
 
 
+def majority_margin(accuracy: float, examples: int) -> float:
+    """Two binomial standard errors of an accuracy measured on ``examples`` test items, in points:
+    ``200 sqrt(p (1 - p) / n)``. Seeds share the test items, so averaging them does not shrink it."""
+    return 200 * math.sqrt(accuracy * (1 - accuracy) / examples)
+
+
+def test_examples(result: dict) -> int:
+    """How many test items a run was scored on. The suite's results written before runs recorded it were all capped
+    below their split's size, so for them the cap is the count."""
+    return result.get("test_examples", result["config"]["max_eval_examples"])
+
+
 def std_error(values: list[float]) -> float:
     """Standard error of a mean; 0 for a single value (which the tables mark with n = 1)."""
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
@@ -116,16 +128,33 @@ class ExperimentResults:
         """How many of the planned runs are finished (results files of other runs aside)."""
         return sum(run.name in self.finished for run in plan(self.experiment, self.finished))
 
+    @property
+    def complete(self) -> bool:
+        return self.done == len(plan(self.experiment, self.finished))
+
     def group(self, label: str) -> Optional[Group]:
         return next((g for g in self.groups if g.label == label and g.results), None)
 
     @property
-    def learned_nothing(self) -> bool:
-        """Every finished run scored exactly the majority class on test: at this budget the task taught no method
-        anything, so a difference between methods there says nothing about them."""
-        majority = self.any_result.get("majority_baseline") if self.any_result else None
-        return majority is not None and all(abs(r["test"][r["primary_metric"]] - majority) < 1e-9
-                                            for r in self.finished.values())
+    def majority(self) -> Optional[tuple[float, float]]:
+        """The majority class's test score and the margin a method must exceed it by, in points (None for
+        generation)."""
+        first = self.any_result
+        if not first or first.get("majority_baseline") is None:
+            return None
+        return (points(first["majority_baseline"], "accuracy"),
+                majority_margin(first["majority_baseline"], test_examples(first)))
+
+    @property
+    def at_majority(self) -> bool:
+        """No method's mean test score beats the majority class by more than two standard errors of an accuracy on
+        the test examples: at this budget the task taught no method anything measurable, so a difference between
+        methods there says nothing about them."""
+        if not self.majority:
+            return False
+        majority, margin = self.majority
+        best = _best_mean(self, self.metric)
+        return best is not None and best <= majority + margin
 
 
 def collect(experiment: Experiment) -> ExperimentResults:
@@ -171,9 +200,11 @@ def _best_mean(results: ExperimentResults, metric: str) -> Optional[float]:
 def _caption(results: ExperimentResults) -> str:
     exp = results.experiment
     text = f"{summary(exp)}; test scores in points, mean ± std over seeds."
-    first = results.any_result
-    if first and first.get("majority_baseline") is not None:
-        text += f" Majority class (test): {points(first['majority_baseline'], 'accuracy'):.1f}."
+    if results.majority:
+        majority, margin = results.majority
+        examples = test_examples(results.any_result)
+        text += (f" Majority class (test): {majority:.1f}; a method shows learning beyond it above "
+                 f"{majority + margin:.1f} (2 standard errors of an accuracy on {examples} test examples).")
     return text
 
 
@@ -326,7 +357,7 @@ def difference(comparisons: list[ExperimentResults], claim: Claim) -> Optional[D
     picked, for "best baseline"); None where no task has both yet."""
     diffs, errors, used, seeds, own = [], [], [], [], []
     for res in comparisons:
-        if res.kind not in claim.kinds or res.learned_nothing:
+        if res.kind not in claim.kinds or res.at_majority:
             continue
         ours, other = res.group(claim.ours), _other_group(res, claim.other)
         if ours is None or other is None:
@@ -371,13 +402,18 @@ def claims_table(comparisons: list[ExperimentResults]) -> str:
         d = difference(comparisons, claim)
         pair = f"{claim.ours} - {claim.other}"
         if d is None:
-            rows.append([claim.paper, claim.claim, pair, NOT_RUN, "", NOT_RUN])
+            tasks = [res for res in comparisons if res.kind in claim.kinds]
+            idle = bool(tasks) and all(res.at_majority and res.complete for res in tasks)
+            why = "no task of this kind taught the methods anything measurable (see above)"  # all runs made
+            rows.append([claim.paper, claim.claim, pair, "–" if idle else NOT_RUN, "", why if idle else NOT_RUN])
             continue
         rows.append([claim.paper, claim.claim, pair, f"{d.mean:+.1f} ± {d.se:.1f}", "; ".join(d.tasks),
                      verdict(claim, d)])
-    idle = [res.task for res in comparisons if res.learned_nothing]
-    left_out = (f" Left out: {', '.join(idle)}, where every run scored exactly the majority class (the budget taught "
-                "no method anything there)." if idle else "")
+    idle = [f"{res.task} (best {_best_mean(res, res.metric):.1f}, majority class {res.majority[0]:.1f} + "
+            f"{res.majority[1]:.1f})" for res in comparisons if res.at_majority]
+    left_out = (f" Left out: {', '.join(idle)}, where no method's test mean beats the majority class by more than 2 "
+                "standard errors of an accuracy on its test examples (at this budget the task taught no method "
+                "anything measurable)." if idle else "")
     return ("Ours: the difference of test means in points (± its standard error), averaged over the tasks listed; "
             "a verdict needs the difference to exceed 2 standard errors." + left_out + "\n\n" +
             _table(["paper", "claim", "ours", "difference", "tasks", "verdict"], rows))

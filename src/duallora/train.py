@@ -405,8 +405,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     state["train_seconds"] = time.perf_counter() - start - state["eval_seconds"]  # optimisation only
 
     validation = run_eval()
-    test_scores = evaluate(accelerator.unwrap_model(model), tokenizer, task, task.test[: cfg.max_eval_examples],
-                           cfg.max_length, accelerator=accelerator)
+    test_examples = task.test[: cfg.max_eval_examples]
+    test_scores = evaluate(accelerator.unwrap_model(model), tokenizer, task, test_examples, cfg.max_length,
+                           accelerator=accelerator)
     costs = accelerator.reduce(torch.tensor([state["train_seconds"], peak_memory_mib()], dtype=torch.float64),
                                reduction="max")  # the slowest and the largest process
     metrics = {
@@ -416,7 +417,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         "train_seconds": costs[0].item(), "peak_memory_mib": costs[1].item(),
         "processes": accelerator.num_processes, "global_batch_size": global_batch * cfg.grad_accum,
         "trainable_params": trainable, "total_params": total,
-        "majority_baseline": majority_baseline(task, task.test[: cfg.max_eval_examples]),
+        "test_examples": len(test_examples),  # the report weighs a score against the majority class by it
+        "majority_baseline": majority_baseline(task, test_examples),
         "config": asdict(cfg), "environment": environment(),
     }
     weights = accelerator.get_state_dict(model)  # gathered under FSDP: every process must call it
