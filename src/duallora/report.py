@@ -130,6 +130,7 @@ class ExperimentResults:
 
     @property
     def complete(self) -> bool:
+        """Every planned run is finished: only then may a task left out of the claims close a claim for good."""
         return self.done == len(plan(self.experiment, self.finished))
 
     def group(self, label: str) -> Optional[Group]:
@@ -404,7 +405,7 @@ def claims_table(comparisons: list[ExperimentResults]) -> str:
         if d is None:
             tasks = [res for res in comparisons if res.kind in claim.kinds]
             idle = bool(tasks) and all(res.at_majority and res.complete for res in tasks)
-            why = "no task of this kind taught the methods anything measurable (see above)"  # all runs made
+            why = "no task of this kind taught the methods anything measurable (see above)"
             rows.append([claim.paper, claim.claim, pair, "–" if idle else NOT_RUN, "", why if idle else NOT_RUN])
             continue
         rows.append([claim.paper, claim.claim, pair, f"{d.mean:+.1f} ± {d.se:.1f}", "; ".join(d.tasks),
