@@ -351,11 +351,11 @@ def test_rank_multiplier_scales_r_and_alpha(tiny_checkpoints, tiny_csv, tmp_path
     assert experiment.lr_grid == (1e-5, 0.02)
 
 
-def fabricate(experiment, label, lr, seed, test_accuracy):
+def fabricate(experiment, label, lr, seed, test_accuracy, kind="classification"):
     """A results file for one planned run with a given test accuracy, written as the suite writes it (no training)."""
     run = suite.Run(experiment, label, lr, seed)
     cfg = run.config()
-    metrics = {"method": cfg.method, "model": cfg.model, "task": "reviews.csv", "task_kind": "classification",
+    metrics = {"method": cfg.method, "model": cfg.model, "task": "reviews.csv", "task_kind": kind,
                "primary_metric": "accuracy", "test": {"accuracy": test_accuracy}, "validation": {"accuracy": 0.5},
                "evaluations": [], "losses": [1.0, 0.5], "steps": 2, "train_seconds": 1.0, "peak_memory_mib": 100.0,
                "trainable_params": 10, "total_params": 100, "test_examples": 100, "majority_baseline": 0.5,
@@ -381,6 +381,24 @@ def test_claims_are_computed_from_the_numbers(tiny_checkpoints, tiny_csv, tmp_pa
     assert "| +10.0 ± 1.6 |" in claim
     assert "agrees in direction: a gain beyond 2 standard errors; the paper's figure is outside" in claim
     assert "| D2-LoRA | matches DoRA | d2 - dora | not run yet |" in text
+
+
+def test_best_baseline_is_among_the_methods_with_dual_loras_parameters(tiny_checkpoints, tiny_csv, tmp_path):
+    config = comparison(tiny_checkpoints, tiny_csv)
+    config.update(methods=["full", "lora", "lora-2r", "dora", "dual"], lr_grid=[0.01], seeds=[0, 1, 2])
+    root = tmp_path / "experiments"
+    experiment = suite.load_experiment(write_experiment(root, "cmp", config))
+    # full and lora-2r lead, but hold more trainable parameters than dual; dora is the best of lora and dora
+    scores = {"full": 0.90, "lora-2r": 0.85, "dora": 0.70, "lora": 0.65, "dual": 0.75}
+    for label, score in scores.items():
+        for seed, shift in enumerate((-0.01, 0.0, 0.01)):
+            fabricate(experiment, label, 0.01, seed, score + shift, kind="multiple_choice")
+    shutil.copy(suite_template(), root / "report_template.md")
+    assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    claim = next(line for line in text.splitlines() if "over the best baseline at its parameter count" in line)
+    # 75.0 - 70.0, each ± 1.0 over 3 seeds: a standard error of sqrt(2 / 3) = 0.8
+    assert "| +5.0 ± 0.8 | " in claim and "reviews.csv (vs dora) | agrees in direction" in claim
 
 
 def test_a_task_where_no_method_beats_the_majority_class_is_left_out_of_the_claims(tiny_checkpoints, tiny_csv,
