@@ -406,17 +406,18 @@ def claims_table(comparisons: list[ExperimentResults]) -> str:
         pair = f"{claim.ours} - {claim.other}"
         if d is None:
             tasks = [res for res in comparisons if res.kind in claim.kinds]
-            idle = bool(tasks) and all(res.at_majority and res.complete for res in tasks)
+            settled = bool(tasks) and all(res.at_majority and res.complete for res in tasks)
             why = "no task of this kind taught the methods anything measurable (see above)"
-            rows.append([claim.paper, claim.claim, pair, "–" if idle else NOT_RUN, "", why if idle else NOT_RUN])
+            rows.append([claim.paper, claim.claim, pair, "–" if settled else NOT_RUN, "",
+                         why if settled else NOT_RUN])
             continue
         rows.append([claim.paper, claim.claim, pair, f"{d.mean:+.1f} ± {d.se:.1f}", "; ".join(d.tasks),
                      verdict(claim, d)])
-    idle = [f"{res.task} (best {_best_mean(res, res.metric):.1f}, majority class {res.majority[0]:.1f} + "
-            f"{res.majority[1]:.1f})" for res in comparisons if res.at_majority]
-    left_out = (f" Left out: {', '.join(idle)}, where no method's test mean beats the majority class by more than 2 "
-                "standard errors of an accuracy on its test examples (at this budget the task taught no method "
-                "anything measurable)." if idle else "")
+    untaught = [f"{res.task} (best {_best_mean(res, res.metric):.1f}, majority class {res.majority[0]:.1f} + "
+                f"{res.majority[1]:.1f})" for res in comparisons if res.at_majority]
+    left_out = (f" Left out: {', '.join(untaught)}, where no method's test mean beats the majority class by more "
+                "than 2 standard errors of an accuracy on its test examples (at this budget the task taught no method "
+                "anything measurable)." if untaught else "")
     return ("Ours: the difference of test means in points (± its standard error), averaged over the tasks listed; "
             "a verdict needs the difference to exceed 2 standard errors. The best baseline is the better of "
             f"{' and '.join(SAME_BUDGET_BASELINES)} at r, Dual LoRA's parameter count." + left_out + "\n\n" +
