@@ -191,3 +191,93 @@ def test_bf16_gradient_checkpointing_and_accumulation(tiny_checkpoints, tiny_csv
     model, *_ = load_trained(out)
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
     assert int(layer.dual_lora_step["default"]) == 3  # one warm-up tick per optimizer step, not per micro-batch
+
+
+def every_run_flag() -> list[str]:
+    """Each run option as it is written on the command line, with a value where it takes one."""
+    from duallora.cli import build_parser
+
+    train_parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.values()
+                        if a.prog.endswith("train"))
+    argv = []
+    for action in train_parser._actions:
+        if action.option_strings and action.dest not in ("help", "resume", "overwrite"):
+            argv += [action.option_strings[0]] + ([] if action.nargs == 0 else ["1"])
+    return argv
+
+
+def test_every_train_flag_passes_through_torchrun_and_rank_replaces_r():
+    """torchrun's parser takes an abbreviation of its own options anywhere in argv: `--r 16` failed there
+    ("ambiguous option: --r could match --rdzv-backend ..."). Every flag of `duallora train` must reach us."""
+    from torch.distributed.run import get_args_parser
+
+    from duallora.cli import build_parser
+
+    flags = every_run_flag()
+    assert "--rank" in flags and "--r" not in flags
+    launched = get_args_parser().parse_args(["--nproc-per-node", "2", "-m", "duallora", "train", *flags])
+    assert (launched.training_script, launched.training_script_args) == ("duallora", ["train", *flags])
+    with pytest.raises(SystemExit):  # why --rank: torchrun refuses --r itself
+        get_args_parser().parse_args(["--nproc-per-node", "2", "-m", "duallora", "train", "--r", "16"])
+    for argv in (["--rank", "16"], ["--r", "16"], ["--r=16"], ["--rank=16"]):  # outside torchrun --r still works
+        assert build_parser().parse_args(["train", *argv]).r == 16, argv
+
+
+def resume_args(tiny_checkpoints, tiny_csv, out, *extra):
+    return ["train", "--method", "dual", "--warmup-steps", "2", "--save-every", "2",
+            *run_args(tiny_checkpoints, tiny_csv, out), *extra]
+
+
+def test_resume_honours_a_new_step_budget_and_cadence(tiny_checkpoints, tiny_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*resume_args(tiny_checkpoints, tiny_csv, out), "--max-steps", "4"]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    # a finished run, resumed with a larger budget and another evaluation cadence, given as bare flags: the options
+    # not given are the run's own, not the defaults (its --lr is 5e-3, the default 1e-3)
+    assert main(["train", "--output-dir", str(out), "--resume", "--max-steps", "6", "--eval-every", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "from " + str(out / "checkpoints" / "step-0000004") in err
+    assert "--max-steps 4 -> 6" in err and "--eval-every None -> 5" in err
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["steps"] == 6 and len(resumed["losses"]) == 6
+    assert resumed["losses"][:4] == first["losses"]  # went on from the end of the first run
+    assert [e["step"] for e in resumed["evaluations"]] == [5, 6]
+    assert resumed["config"]["lr"] == 5e-3 and resumed["config"]["max_steps"] == 6
+
+
+def test_resume_refuses_other_changed_flags_by_name(tiny_checkpoints, tiny_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*resume_args(tiny_checkpoints, tiny_csv, out), "--max-steps", "2"]) == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--lr", "1e-2", "--rank", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.01 (the run has 0.005)" in err and "--rank 4 (the run has 8)" in err
+    assert "Only --max-steps, --epochs, --eval-every, --save-every may change on resume" in err
+    assert (out / "adapter_model.safetensors").read_bytes() == before  # nothing the user had was touched
+
+
+def test_resume_says_when_there_is_no_checkpoint(tiny_checkpoints, tiny_csv, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    assert main([*resume_args(tiny_checkpoints, tiny_csv, out), "--max-steps", "2", "--resume"]) == 0
+    assert f"from step 0: no checkpoint in {out / 'checkpoints'}" in capsys.readouterr().err
+
+
+def test_collectives_get_tensors_on_the_accelerator_device():
+    """NCCL rejects CPU tensors: the losses and costs are reduced on accelerator.device (a GPU there)."""
+    from duallora.train import reduce_across_processes
+
+    class RecordingAccelerator:
+        device = torch.device("meta")  # not the CPU: a tensor made on the CPU by mistake would show
+
+        def __init__(self):
+            self.devices = []
+
+        def reduce(self, tensor, reduction):
+            self.devices.append(tensor.device)
+            return torch.full(tensor.shape, 2.5, dtype=tensor.dtype)  # what the collective would return
+
+    accelerator = RecordingAccelerator()
+    assert reduce_across_processes(accelerator, [1.0, 3.0], "max") == [2.5, 2.5]
+    assert accelerator.devices == [torch.device("meta")]

@@ -49,7 +49,7 @@ def flags(model_dir, tiny_csv, out, batch_size, method="dual"):
     return ["--method", method, "--model", str(model_dir), "--task", str(tiny_csv),
             "--text-column", "text", "--label-column", "label", "--output-dir", str(out), "--max-length", "16",
             "--batch-size", str(batch_size), "--lr", "5e-3", "--max-steps", "6", "--eval-every", "3",
-            "--save-every", "3", "--max-eval-examples", "23", "--warmup-steps", "2"]
+            "--save-every", "3", "--max-eval-examples", "23", "--warmup-steps", "2", "--rank", "4"]
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -78,7 +78,7 @@ def test_torchrun_two_processes_give_the_adapter_of_one_process_on_twice_the_bat
     # one writer: one header line, no stray temporary directories, one checkpoint
     assert two.stderr.count("trainable of") == 1
     assert not [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
-    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step-0000003"]
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step-0000006"]  # the last one
 
 
 @pytest.mark.slow
@@ -96,17 +96,36 @@ def test_processes_hold_identical_adapters_after_every_step(bert_without_dropout
     assert max_difference(tmp_path / "d2", tmp_path / "d2-one") <= 1e-5
 
 
+# Float32 arithmetic of a different order (each process reduces over its half of the batch, then the halves are
+# averaged): a reduction of n terms rounds to within (n - 1) eps of the sum of their sizes. The longest reduction
+# here has 64 terms (the MLP width) and a gradient passes through at most 16 of them in a row (embedding, two
+# decoder layers of attention and MLP, the head), so results agree within 64 * 16 eps of their own size.
+FLOAT32_REORDER_RTOL = 64 * 16 * torch.finfo(torch.float32).eps
+
+
 @pytest.mark.slow
 def test_fsdp2_sharded_layers_train_like_unsharded_ones(tmp_path):
+    """Before, weights were compared after AdamW, which divides by sqrt(v): a gradient near 0 that differs by
+    rounding moves its weight by up to 2 lr either way, and a bound of 1e-5 failed at 1.48e-5 on a busy machine.
+    Now the gradients are compared before any optimizer, and SGD's weights within what those differences allow."""
     torchrun(str(WORKERS / "fsdp2_step.py"), str(tmp_path / "fsdp.json"))
     report = json.loads((tmp_path / "fsdp.json").read_text())
     assert report["world_size"] == 2
+    eps = torch.finfo(torch.float32).eps
     for method in ("dual", "d2"):
         result = report[method]
         assert result["base_weight_sharded"], method  # the frozen weights really are split across processes
-        assert max(result["loss"]) <= 1e-5, method
-        assert max(result["weights"]) <= 1e-5, method  # after each of 3 AdamW steps
-        assert result["eval_logits"] <= 1e-5, method
+        assert max(result["loss"]) <= FLOAT32_REORDER_RTOL, method
+        assert max(result["grads"]) <= FLOAT32_REORDER_RTOL, method
+        # SGD: w <- w - lr g, rounded. After step s the weights differ by at most the earlier differences, plus lr
+        # times this step's gradient difference, plus one rounding (half an ulp) of each run's weight
+        bound = 0.0
+        for grad_diff, weight_diff, largest in zip(result["grad_difference"], result["weight_difference"],
+                                                   result["largest_weight"]):
+            bound += report["lr"] * grad_diff + eps * largest
+            assert weight_diff <= bound, (method, result)
+        assert result["eval_logits"] <= FLOAT32_REORDER_RTOL, method
+        assert result["eval_cache_off_when_sharded"] and result["eval_cache_on_when_not"], method  # no extra copy
 
 
 @pytest.mark.parametrize("name,kind", [("ddp.yaml", "MULTI_GPU"), ("fsdp.yaml", "FSDP")])

@@ -93,6 +93,25 @@ def test_unsupported_target_type_is_a_type_error_and_changes_nothing():
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("config_cls", [DualLoraConfig, D2LoraConfig])
+@pytest.mark.parametrize("bits,layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
+def test_a_bitsandbytes_quantized_base_is_refused_by_name_and_changes_nothing(config_cls, bits, layer, tmp_path):
+    """Quantized layers subclass nn.Linear: before, the packed integer weight was read as W0 and the crash came
+    from inside the autograd Function. Until quantized bases are supported, the promised TypeError."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path)
+    quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") if bits == 4
+                    else BitsAndBytesConfig(load_in_8bit=True))
+    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == layer
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=rf"model\.layers\.0\.self_attn\.q_proj.*bitsandbytes\.nn\.modules\.{layer}.*"
+                                        r"quantized weight"):
+        get_peft_model(model, config_cls(target_modules=["q_proj", "v_proj"]))
+    assert_unchanged(model, snap)
+
+
 def _saved_adapter(tmp_path, config):
     model = get_peft_model(tiny_llama(), config)
     model.save_pretrained(tmp_path)

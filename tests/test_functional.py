@@ -255,19 +255,77 @@ def test_fused_kernels_match_the_eager_maths():
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
+    """A machine without a working C++ compiler: Inductor fails, the maths runs eagerly, once said."""
+    import torch._inductor.config as inductor_config
+
     import duallora.fused as fused_module
 
-    def broken_compile(fn, **kwargs):
+    monkeypatch.setattr(fused_module, "_disabled", False)
+    cube = fused_module.fused(lambda t: t * t * t + 0.25)
+    # fx_graph_cache off: compile for real, not from the cache of an earlier run
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        with pytest.warns(UserWarning, match="failed.*InvalidCxxCompiler.*eagerly"):
+            assert torch.equal(cube(torch.tensor([2.0])), torch.tensor([8.25]))
+    assert fused_module._disabled  # and from then on, eager without trying again
+
+
+def test_out_of_memory_reaches_the_caller_and_fusion_stays_on(monkeypatch):
+    """Only compiler failures fall back: an out-of-memory error (before: it turned fusion off for the process)
+    is the caller's to handle, and the next call is compiled again."""
+    import duallora.fused as fused_module
+
+    calls = []
+
+    def compile_that_runs_out_of_memory_once(fn, **kwargs):
         def run(*args):
-            raise RuntimeError("no C++ compiler")
+            calls.append(args)
+            if len(calls) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return fn(*args)
         return run
 
     monkeypatch.setattr(fused_module, "_disabled", False)
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    square = fused_module.fused(lambda t: t * t)
-    with pytest.warns(UserWarning, match="failed.*no C\\+\\+ compiler.*eagerly"):
-        assert torch.equal(square(torch.tensor([3.0])), torch.tensor([9.0]))
-    assert fused_module._disabled  # and from then on, eager without trying again
+    monkeypatch.setattr(torch, "compile", compile_that_runs_out_of_memory_once)
+    double = fused_module.fused(lambda t: 2 * t)
+    with pytest.raises(torch.OutOfMemoryError):
+        double(torch.ones(3))
+    assert not fused_module._disabled
+    assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0)) and len(calls) == 2
+
+
+def test_bad_inputs_raise_their_own_error_and_fusion_stays_on(monkeypatch):
+    """Shapes that do not broadcast fail in the compiler's tracing first; the error is the inputs', not the
+    compiler's, so the eager error reaches the caller and fusion stays on."""
+    import duallora.fused as fused_module
+
+    monkeypatch.setattr(fused_module, "_disabled", False)
+    add = fused_module.fused(lambda a, b: a + b)
+    with pytest.raises(RuntimeError, match="size of tensor a"):
+        add(torch.ones(3), torch.ones(4))
+    assert not fused_module._disabled
+    assert torch.equal(add(torch.ones(3), torch.ones(3)), torch.full((3,), 2.0))
+
+
+def test_non_finite_logits_are_not_hidden_by_the_activations():
+    """Sign(NaN) = -1, ReLU(-Inf) = 0 and tanh(Inf) = 1 would hide a broken factor behind finite outputs."""
+    from duallora.functional import direction, magnitude
+
+    q = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 2.0, -3.0])
+    assert torch.equal(sign_pm1(q)[3:], torch.tensor([-1.0, 1.0, -1.0]))
+    for values in [sign_pm1(q), direction(q, "tanh"), direction(q, "identity")] + \
+            [magnitude(q, name) for name in ("relu", "tanh", "sigmoid", "identity")]:
+        assert not torch.isfinite(values[:3]).any() and torch.isfinite(values[3:]).all()
+
+
+def test_fused_kernels_keep_non_finite_values():
+    from duallora.functional import _build_weight, _product_grads
+
+    p, q, w0 = (torch.randn(9, 7, generator=torch.Generator().manual_seed(3)) for _ in range(3))
+    q[2, 3], p[4, 1] = float("nan"), -float("inf")
+    w = _build_weight(p, q, w0, torch.tensor(0.5), "relu", "sign", True)
+    assert torch.isnan(w[2, 3]) and torch.isnan(w[4, 1]) and torch.isfinite(w).sum() == w.numel() - 2
+    g_m, g_d = _product_grads(torch.ones_like(p), p, q, torch.tensor(0.5), "relu", "sign", "clip")
+    assert torch.isnan(g_m[2, 3]) and torch.isnan(g_d[4, 1])
 
 
 @pytest.mark.parametrize("axis", ["out", "in"])

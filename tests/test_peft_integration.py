@@ -304,6 +304,54 @@ def test_eval_cache_is_reused_and_never_stale(method, inputs):
 
 
 @pytest.mark.parametrize("method", ["dual", "d2"])
+@pytest.mark.parametrize("write", ["factor", "base weight"])
+def test_eval_cache_sees_writes_through_data(method, write, inputs):
+    """Version counters miss `.data` writes (EMA swaps, DeepSpeed's copy-back): the cache looks at the values."""
+    model = adapted("llama", method)
+    model.eval()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        first = model_output(model, inputs)
+        target = getattr(layer, layer.adapter_layer_names[0])["default"] if write == "factor" else \
+            layer.base_layer.weight
+        target.data.mul_(1.5)
+        changed = model_output(model, inputs)
+        model.train()
+        reference = model_output(model, inputs)  # no cache in training mode
+    assert (changed - first).abs().max() > 1e-3
+    torch.testing.assert_close(changed, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_eval_cache_can_be_switched_off(method, inputs):
+    cached, uncached = adapted("llama", method), adapted("llama", method, eval_cache=False)
+    uncached.load_state_dict(cached.state_dict())
+    for model in (cached, uncached):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(uncached, inputs), model_output(cached, inputs), rtol=1e-5, atol=1e-6)
+    assert all(m._eval_cache is not None for m in cached.modules() if isinstance(m, AdaptedLayer))
+    assert all(m._eval_cache is None for m in uncached.modules() if isinstance(m, AdaptedLayer))
+
+
+def test_fingerprint_changes_with_any_single_value():
+    from duallora.watch import fingerprint
+
+    w = torch.randn(64, 48, dtype=torch.bfloat16)
+    reference = fingerprint([w])
+    one_ulp = w.clone()
+    one_ulp[17, 5] = torch.nextafter(one_ulp[17, 5].float(), torch.tensor(float("inf"))).bfloat16()
+    if one_ulp[17, 5] == w[17, 5]:  # nextafter in float32 may round back: step by a bf16 ulp instead
+        one_ulp.view(torch.int16)[17, 5] += 1
+    swapped = w.clone()
+    swapped[[3, 40]] = w[[40, 3]]  # same values, other rows: a plain sum would not see it
+    assert fingerprint([one_ulp]) != reference
+    assert fingerprint([swapped]) != reference
+    assert fingerprint([w.clone()]) == reference
+    assert fingerprint([w.t()]) == fingerprint([w.t().contiguous()])  # Conv1D's transposed view reads the same
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
 def test_memory_efficient_and_plain_autograd_paths_agree(method, inputs):
     grads = []
     for efficient in (True, False):
@@ -473,6 +521,46 @@ def test_memory_efficient_path_saves_no_out_by_in_matrix(method):
     assert saved_full_matrices(False) >= 2
 
 
+class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any operation creates (a new storage, not a view of an input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, (t.untyped_storage().nbytes(), str(func)), key=lambda p: p[0])
+        return out
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_backward_respect_the_block_bound(method, dtype, monkeypatch):
+    """No out x in matrix beyond one row block exists at once (before: D2's forward copied a bf16 W0 to float32
+    whole on every call). The bound is one block of float32 rows: the kernels' elementwise work runs in the factors'
+    dtype or float32, whichever is wider (n(W0) is float32). Measured eagerly, every intermediate visible (fusion
+    only removes some); a kernel compiled under the recording mode would also be reused after it."""
+    import duallora.fused as fused_module
+
+    monkeypatch.setattr(fused_module, "_disabled", True)
+    out_features, in_features, rows = 256, 128, 32
+    block_mib = rows * in_features * dtype.itemsize / 2**20  # 8 blocks of 32 rows
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(in_features, out_features)),
+                           METHODS[method](r=4, target_modules=["0"], block_mib=block_mib)).to(dtype)
+    trained_like(model)
+    x = torch.randn(2, in_features, dtype=dtype, requires_grad=True)  # 2 tokens: y and grad_x are small
+    with LargestAllocation() as recorder:
+        model(x).float().sum().backward()
+    nbytes, op = recorder.largest
+    assert nbytes <= rows * in_features * 4, (nbytes, op)
+    assert all(torch.isfinite(p.grad.float()).all() for p in model.parameters() if p.requires_grad)
+
+
 def test_unload_returns_the_base_model_unchanged(inputs):
     base = tiny_llama()
     with torch.no_grad():
@@ -564,3 +652,25 @@ def test_row_blocks_through_peft_give_the_same_loss_and_gradients(method, inputs
 def test_block_mib_out_of_range_names_the_field(value):
     with pytest.raises(ValueError, match=r"`block_mib` must be > 0 \(or None: no blocking\)"):
         DualLoraConfig(block_mib=value)
+
+
+def test_clip_ste_under_float16_warns_once_that_it_sees_scaled_gradients(inputs, monkeypatch):
+    """Under fp16 a GradScaler multiplies the loss: `clip` then clips scaled gradients, a threshold that moves with the
+    scale. The layer cannot see the scale, so it says so, once; bf16 (no loss scaling) and the other STEs are quiet."""
+    import warnings
+
+    import duallora.dual as dual_module
+
+    monkeypatch.setattr(dual_module, "_clip_warned", False)
+    runs = {}
+    for ste, dtype in (("clip", torch.bfloat16), ("identity", torch.float16), ("clip", torch.float16)):
+        model = adapted("llama", "dual", ste=ste)
+        model.train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=dtype):
+                    model(inputs, labels=inputs).loss.backward()
+        runs[(ste, dtype)] = [str(w.message) for w in caught if "ste='clip'" in str(w.message)]
+    assert runs[("clip", torch.bfloat16)] == [] and runs[("identity", torch.float16)] == []
+    assert len(runs[("clip", torch.float16)]) == 1 and "loss scale" in runs[("clip", torch.float16)][0]

@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .suite import DEFAULT_RUNS_DIR, RunFailed
-from .train import METHODS, RunConfig
+from .train import METHODS, RunConfig, flag
 
 # The embedded default compare: about 10 minutes on 2 cores (see the README for what it measured).
 DEFAULT_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0,1", "--model", "minilm", "--task", "sentiment",
@@ -27,7 +27,8 @@ HELP = {
     "model": "'minilm', 'smollm2', a local checkpoint directory, or a hub id (online)",
     "task": "'sentiment', 'fact-verification', 'social-iqa', 'strategyqa', 'e2e-nlg', or a .csv/.json/.jsonl file",
     "output_dir": "where the run writes its adapter, metrics.json, plot and checkpoints",
-    "r": "rank budget (Dual LoRA: r1 + r2; compare runs D2-LoRA at r/2 to match LoRA's parameters)",
+    "r": "rank budget (Dual LoRA: r1 + r2; compare runs D2-LoRA at r/2 to match LoRA's parameters); also --r, "
+         "except under torchrun, whose own parser takes --r for an abbreviation of its options",
     "alpha": "lora_alpha (default 2 r)", "lr": "peak learning rate (default: 5e-5 for full, 1e-3 for adapters)",
     "epochs": "passes over the training set (ignored with --max-steps)", "max_steps": "optimizer steps to take",
     "batch_size": "examples per micro-batch (per process)", "grad_accum": "micro-batches per optimizer step",
@@ -62,14 +63,15 @@ def add_run_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = 
     for f in fields(RunConfig):
         if f.name in exclude:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = [flag(f.name)] + (["--r"] if f.name == "r" else [])
         kind = _field_type(str(f.type))
         default_note = f" (default: {f.default})" if f.default is not None else ""
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=HELP.get(f.name, "") + default_note)
         else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=HELP.get(f.name, "") + default_note)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS,
+                                help=HELP.get(f.name, "") + default_note)
     parser.add_argument("--config", help="YAML or JSON file of options (flags on the command line win)")
 
 
@@ -85,19 +87,26 @@ def read_config_file(path: str | None) -> dict:
         values = json.loads(text)
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values.")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    return {("r" if k == "rank" else k): v for k, v in values.items()}  # `rank:` as on the command line
 
 
-def run_config(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> RunConfig:
+def run_config(args: argparse.Namespace, drop: tuple[str, ...] = (), base: dict | None = None) -> RunConfig:
+    """The run's options: ``base`` (a resumed run's saved options), overridden by the config file, overridden by
+    the flags given on the command line."""
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func") + drop}
     file_values = {k: v for k, v in read_config_file(args.config).items() if k not in drop}
-    return RunConfig.from_dict({**file_values, **given})
+    return RunConfig.from_dict({**(base or {}), **file_values, **given})
 
 
 def cmd_train(args) -> None:
-    from .train import train
+    from .train import saved_run_config, train
 
-    train(run_config(args, drop=("resume", "overwrite")), resume=args.resume, overwrite=args.overwrite)
+    drop = ("resume", "overwrite")
+    cfg = run_config(args, drop)
+    if args.resume:  # what was not given is the saved run's, not the defaults: only given flags count as changes
+        cfg = run_config(args, drop, base=saved_run_config(cfg.output_dir))
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_eval(args) -> None:

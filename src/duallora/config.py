@@ -86,6 +86,16 @@ class WeightAdapterConfig(PeftConfig):
         },
     )
 
+    eval_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "In eval mode, build the adapted weight once and reuse it until a value it depends on changes (an "
+            "unmerged model then runs one matmul per layer, like a merged one). It holds one extra copy of every "
+            "adapted weight; it is off by itself where the weights are sharded (FSDP, DeepSpeed ZeRO-3). False: "
+            "rebuild the weight on every call (as in training), no extra memory."
+        },
+    )
+
     block_mib: Optional[float] = field(
         default=16.0,
         metadata={

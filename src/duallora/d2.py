@@ -20,7 +20,17 @@ from torch import nn
 
 from ._peft import ensure_peft_type
 from .config import WeightAdapterConfig, check_choice, check_range
-from .functional import NORM_AXES, D2LoraLinearFunction, d2_delta_weight, d2_unit_scale, d2_unmerge, d2_weight, unit_norm
+from .functional import (
+    NORM_AXES,
+    D2LoraLinearFunction,
+    d2_delta_weight,
+    d2_unit_scale,
+    d2_unmerge,
+    d2_weight,
+    d2_weight_rows,
+    frozen_unit_norm,
+    weight_blocks,
+)
 from .layer import AdaptedLayer
 
 
@@ -57,13 +67,13 @@ class D2Options:
 class D2LoraLayer(AdaptedLayer):
     """A Linear/Conv1D adapted with D2-LoRA.
 
-    ``n(W0)`` is recomputed from the frozen input weight in each call (one cheap norm pass, no gradient): unlike a
-    stored buffer it cannot go stale under a dtype cast or an earlier merged adapter.
+    ``n(W0)`` is recomputed from the frozen input weight in each call (one norm pass in row blocks, no gradient):
+    unlike a stored buffer it cannot go stale under a dtype cast or an earlier merged adapter.
     """
 
     prefix = "d2_lora_"
     adapter_layer_names = ("d2_lora_A_pos", "d2_lora_B_pos", "d2_lora_A_neg", "d2_lora_B_neg")
-    other_param_names = ("d2_lora_dropout", "d2_options", "memory_efficient", "kernel_options")
+    other_param_names = ("d2_lora_dropout", "d2_options", "memory_efficient", "kernel_options", "eval_cache")
     factor_dims = {"d2_lora_A_pos": ("out", None), "d2_lora_B_pos": (None, "in"),
                    "d2_lora_A_neg": ("out", None), "d2_lora_B_neg": (None, "in")}
 
@@ -87,14 +97,15 @@ class D2LoraLayer(AdaptedLayer):
             getattr(self, f"d2_lora_A_{branch}")[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
 
     def _input_norm(self, adapter_name: str, w_in: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return unit_norm(w_in.float(), self.d2_options[adapter_name].norm_axis)
+        """``n(W_in)`` in float32, read in row blocks of at most ``block_mib`` as float32."""
+        blocks = weight_blocks(w_in, torch.float32, self.kernel_options[adapter_name])
+        return frozen_unit_norm(w_in, self.d2_options[adapter_name].norm_axis, blocks)
 
-    def adapted_weight(self, adapter_name: str, w_in: torch.Tensor) -> torch.Tensor:
+    def adapted_weight(self, adapter_name: str, w_in: torch.Tensor, factors=None) -> torch.Tensor:
         opts = self.d2_options[adapter_name]
-        A_pos = self.d2_lora_A_pos[adapter_name]
+        factors = factors or self.factors(adapter_name)
         return d2_weight(
-            w_in.to(A_pos.dtype), *self.factors(adapter_name), opts.scaling, opts.tau,
+            w_in.to(factors[0].dtype), *factors, opts.scaling, opts.tau,
             self._input_norm(adapter_name, w_in), opts.norm_axis, opts.detach_norm,
         )
 
@@ -105,15 +116,20 @@ class D2LoraLayer(AdaptedLayer):
             opts.scaling, opts.tau, opts.norm_axis, opts.detach_norm, with_base, self.kernel_options[adapter_name],
         )
 
-    def merge_weight(self, adapter_name: str, w_in: torch.Tensor):
-        """``W_hat`` in float32, and the per-unit scale ``k = n(W0)/n(W')`` that unmerge inverts with."""
+    def weight_rows(self, adapter_name: str, w0: torch.Tensor, factors):
         opts = self.d2_options[adapter_name]
-        with torch.no_grad():
-            dw = d2_delta_weight(*self.factors(adapter_name), opts.scaling, opts.tau)
-            k = d2_unit_scale(w_in + dw, self._input_norm(adapter_name, w_in), opts.norm_axis)
-            return self.adapted_weight(adapter_name, w_in), k
+        norm = self._input_norm(adapter_name, w0)
+        blocks = weight_blocks(w0, factors[0].dtype, self.kernel_options[adapter_name], whole=opts.norm_axis == "in")
+        return blocks, lambda s: d2_weight_rows(s, w0, *factors, norm, opts.scaling, opts.tau, opts.norm_axis,
+                                                opts.detach_norm)
 
-    def unmerge_weight(self, adapter_name: str, w_out: torch.Tensor, state) -> torch.Tensor:
+    def merge_weight(self, adapter_name: str, w_in: torch.Tensor, factors):
+        """``W_hat``, and the per-unit scale ``k = n(W0)/n(W')`` that unmerge inverts with."""
         opts = self.d2_options[adapter_name]
-        dw = d2_delta_weight(*self.factors(adapter_name), opts.scaling, opts.tau)
-        return d2_unmerge(w_out, dw, state)
+        dw = d2_delta_weight(*factors, opts.scaling, opts.tau)
+        k = d2_unit_scale(w_in + dw, self._input_norm(adapter_name, w_in), opts.norm_axis)
+        return self.adapted_weight(adapter_name, w_in, factors), k
+
+    def unmerge_weight(self, adapter_name: str, w_out: torch.Tensor, factors, k) -> torch.Tensor:
+        opts = self.d2_options[adapter_name]
+        return d2_unmerge(w_out, d2_delta_weight(*factors, opts.scaling, opts.tau), k)

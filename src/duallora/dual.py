@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -29,8 +30,11 @@ from .functional import (
     MAGNITUDE_ACTIVATIONS,
     STE_VARIANTS,
     DualLoraLinearFunction,
+    autocast_dtype,
     dual_delta_weight,
     dual_warmup_coef,
+    dual_weight_rows,
+    weight_blocks,
 )
 from .layer import AdaptedLayer
 
@@ -144,19 +148,21 @@ class DualOptions:
 
 class DualLoraLayer(AdaptedLayer):
     """A Linear/Conv1D adapted with Dual LoRA. The warm-up step counter ``dual_lora_step`` is a buffer saved
-    with the adapter; it counts optimizer steps that updated this adapter (see :mod:`duallora.warmup`)."""
+    with the adapter; it counts the updates of this adapter's factors (see :mod:`duallora.warmup`)."""
 
     prefix = "dual_lora_"
     adapter_layer_names = ("dual_lora_A", "dual_lora_B", "dual_lora_C", "dual_lora_D")
     other_param_names = ("dual_lora_step", "dual_lora_dropout", "dual_options", "memory_efficient",
-                         "kernel_options")
+                         "kernel_options", "eval_cache", "warmup_clocks")
     # which dimension of the base layer each factor's shape carries (checked when loading a saved adapter)
     factor_dims = {"dual_lora_A": (None, "in"), "dual_lora_B": ("out", None),
                    "dual_lora_C": (None, "in"), "dual_lora_D": ("out", None)}
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DualLoraConfig, **kwargs) -> None:
         self.dual_options: dict[str, DualOptions] = {}
+        self.warmup_clocks: dict[str, warmup.WarmupClock] = {}
         super().__init__(base_layer, adapter_name, config, **kwargs)
+        self.register_state_dict_pre_hook(warmup.sync_before_state_dict)
 
     def create_adapter(self, adapter_name: str, config: DualLoraConfig, r: int, lora_alpha: float) -> None:
         if not hasattr(self, "dual_lora_A"):
@@ -176,6 +182,7 @@ class DualLoraLayer(AdaptedLayer):
             # All four Gaussian (paper Sec. 3.3): a zero magnitude factor would leave ReLU without gradient forever.
             getattr(self, name)[adapter_name] = nn.Parameter(torch.randn(shape) * std)
         self.dual_lora_step[adapter_name] = torch.zeros((), dtype=torch.long)
+        self.warmup_clocks[adapter_name] = warmup.WarmupClock(self, adapter_name, config.warmup_steps)
         warmup.track(self)
 
     def __setstate__(self, state):
@@ -190,16 +197,17 @@ class DualLoraLayer(AdaptedLayer):
     def factor_tensors(self, adapter_name: str) -> list[torch.Tensor]:
         return [*self.factors(adapter_name), self.dual_lora_step[adapter_name]]
 
-    def delta(self, adapter_name: str) -> torch.Tensor:
-        """``dW`` of this adapter (differentiable; Sign through the configured STE)."""
+    def delta(self, adapter_name: str, factors=None, coef=None) -> torch.Tensor:
+        """``dW`` of this adapter (differentiable; Sign through the configured STE), from ``factors`` and ``coef``
+        (default: the adapter's own, at the current warm-up step)."""
         opts = self.dual_options[adapter_name]
         return dual_delta_weight(
-            *self.factors(adapter_name), self.warmup_coef(adapter_name),
+            *(factors or self.factors(adapter_name)), self.warmup_coef(adapter_name) if coef is None else coef,
             opts.magnitude_activation, opts.direction_activation, opts.ste,
         )
 
-    def adapted_weight(self, adapter_name: str, w_in: torch.Tensor) -> torch.Tensor:
-        dw = self.delta(adapter_name)
+    def adapted_weight(self, adapter_name: str, w_in: torch.Tensor, factors=None) -> torch.Tensor:
+        dw = self.delta(adapter_name, factors)
         return w_in.to(dw.dtype) + dw
 
     def fused_linear(self, adapter_name, x, w0, bias, with_base: bool) -> torch.Tensor:
@@ -209,12 +217,46 @@ class DualLoraLayer(AdaptedLayer):
             opts.magnitude_activation, opts.direction_activation, opts.ste, self.kernel_options[adapter_name],
         )
 
-    def unmerge_weight(self, adapter_name: str, w_out: torch.Tensor, state) -> torch.Tensor:
-        return w_out - self.delta(adapter_name)  # dW is additive, so W0 = (W0 + dW) - dW exactly
+    def weight_rows(self, adapter_name: str, w0: torch.Tensor, factors):
+        opts, coef = self.dual_options[adapter_name], self.warmup_coef(adapter_name)
+        blocks = weight_blocks(w0, factors[0].dtype, self.kernel_options[adapter_name])
+        return blocks, lambda s: dual_weight_rows(s, w0, *factors, coef, opts.magnitude_activation,
+                                                  opts.direction_activation)
 
-    @torch.no_grad()
-    def advance_warmup(self, stepped_param_ids: set[int]) -> None:
-        """Count one optimizer step for every adapter whose factors that optimizer just updated."""
-        for name, A in self.dual_lora_A.items():
-            if id(A) in stepped_param_ids:
-                self.dual_lora_step[name].add_(1)
+    def merge_weight(self, adapter_name: str, w_in: torch.Tensor, factors):
+        """``W0 + dW``, and the ``lam_t * s`` of this merge: unmerge subtracts the same ``dW`` after the clock moved."""
+        coef = self.warmup_coef(adapter_name)
+        return w_in + self.delta(adapter_name, factors, coef), coef
+
+    def unmerge_weight(self, adapter_name: str, w_out: torch.Tensor, factors, coef) -> torch.Tensor:
+        return w_out - self.delta(adapter_name, factors, coef)  # dW is additive, so W0 = (W0 + dW) - dW
+
+    def before_adapter_forward(self, active: list[str], x: torch.Tensor) -> None:
+        """Tick the warm-up clocks (:mod:`duallora.warmup`): a training forward marks the adapter pending, any
+        forward first counts an in-place update of its factors made since then."""
+        training = self.training and torch.is_grad_enabled()
+        for name in active:
+            if training and self.dual_lora_A[name].requires_grad:
+                self.warmup_clocks[name].training_pass()
+                _warn_if_clip_sees_scaled_gradients(self.dual_options[name], autocast_dtype(x))
+            elif not torch.compiler.is_compiling():
+                self.warmup_clocks[name].sync()
+
+
+_clip_warned = False
+
+
+def _warn_if_clip_sees_scaled_gradients(opts: DualOptions, compute_dtype: torch.dtype) -> None:
+    """Warn once when the clip STE trains in float16: there the loss is scaled (GradScaler), and the layer sees only
+    scaled gradients, with no way to know the scale, so clipping at 1 acts at 1 / scale of the true gradient."""
+    global _clip_warned
+    if _clip_warned or compute_dtype != torch.float16 or opts.ste != "clip" or opts.direction_activation != "sign":
+        return
+    _clip_warned = True
+    warnings.warn(
+        "Dual LoRA with ste='clip' trains in float16: a GradScaler scales the loss (65536 at the start), and the "
+        "straight-through estimator clips the gradients it sees at [-1, 1], i.e. the true gradient at "
+        "[-1/scale, 1/scale], so the result depends on the loss scale. Train in bfloat16 (no loss scaling), or choose "
+        "ste='identity' (what clip computes whenever the gradients stay below 1, as they do at the default init).",
+        UserWarning, stacklevel=3,
+    )

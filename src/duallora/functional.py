@@ -41,19 +41,30 @@ NORM_AXES = ("out", "in")
 _NORM_EPS = 1e-12
 
 
+def keep_nonfinite(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` where ``x`` is finite, NaN where it is not.
+
+    Sign, ReLU, tanh and sigmoid map NaN or Inf to finite values (Sign(NaN) = -1, ReLU(-Inf) = 0, tanh(Inf) = 1), so a
+    broken factor would train on in silence behind them. Passing the non-finite value on makes it show as a
+    non-finite output, as it does in LoRA: a GradScaler then skips the step and NaN guards fire.
+    """
+    return torch.where(torch.isfinite(x), y, torch.nan)
+
+
 def sign_pm1(x: torch.Tensor) -> torch.Tensor:
-    """Sign with values in {-1, +1}: +1 where ``x > 0``, else -1 (so Sign(0) = -1, unlike ``torch.sign``)."""
-    return torch.where(x > 0, 1.0, -1.0).to(x.dtype)
+    """Sign with values in {-1, +1}: +1 where ``x > 0``, else -1 (so Sign(0) = -1, unlike ``torch.sign``); NaN where
+    ``x`` is NaN or Inf (:func:`keep_nonfinite`)."""
+    return keep_nonfinite(torch.where(x > 0, 1.0, -1.0).to(x.dtype), x)
 
 
 def magnitude(p: torch.Tensor, name: str) -> torch.Tensor:
-    """The magnitude activation ``m(P)`` of Dual LoRA (paper: ReLU)."""
+    """The magnitude activation ``m(P)`` of Dual LoRA (paper: ReLU); NaN where ``P`` is not finite."""
     if name == "relu":
-        return torch.relu(p)
+        return keep_nonfinite(torch.relu(p), p)
     if name == "tanh":
-        return torch.tanh(p)
+        return keep_nonfinite(torch.tanh(p), p)
     if name == "sigmoid":
-        return torch.sigmoid(p)
+        return keep_nonfinite(torch.sigmoid(p), p)
     if name == "identity":
         return p
     raise ValueError(f"unknown magnitude activation {name!r}; valid: {MAGNITUDE_ACTIVATIONS}")
@@ -74,11 +85,12 @@ def magnitude_derivative(p: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def direction(q: torch.Tensor, name: str) -> torch.Tensor:
-    """The direction activation ``d(Q)`` of Dual LoRA (paper: Sign), without gradient bookkeeping."""
+    """The direction activation ``d(Q)`` of Dual LoRA (paper: Sign), without gradient bookkeeping; NaN where ``Q``
+    is not finite."""
     if name == "sign":
         return sign_pm1(q)
     if name == "tanh":
-        return torch.tanh(q)
+        return keep_nonfinite(torch.tanh(q), q)
     if name == "identity":
         return q
     raise ValueError(f"unknown direction activation {name!r}; valid: {DIRECTION_ACTIVATIONS}")
@@ -181,6 +193,18 @@ def unit_norm(w: torch.Tensor, axis: str) -> torch.Tensor:
     raise ValueError(f"unknown norm axis {axis!r}; valid: {NORM_AXES}")
 
 
+def frozen_unit_norm(w0: torch.Tensor, axis: str, blocks: list[slice]) -> torch.Tensor:
+    """``n(W0)`` in float32, without gradient, reading ``W0`` one row block at a time: a bf16 ``W0`` is never copied
+    to float32 whole, so the ``block_mib`` bound holds here too. ``axis="in"`` sums each block's squares."""
+    with torch.no_grad():
+        if axis == "out":
+            return torch.cat([unit_norm(w0[s].float(), "out") for s in blocks])
+        if axis == "in":
+            squares = sum(w0[s].float().square().sum(0, keepdim=True) for s in blocks)
+            return squares.sqrt()
+    raise ValueError(f"unknown norm axis {axis!r}; valid: {NORM_AXES}")
+
+
 def d2_delta_from_products(pos: torch.Tensor, neg: torch.Tensor, scale: float, tau: float) -> torch.Tensor:
     """D2-LoRA signed two-branch update ``dW = scale * (pos - tau * neg)`` from ``pos = A_pos B_pos``,
     ``neg = A_neg B_neg`` (paper Eq. 1)."""
@@ -251,8 +275,10 @@ def d2_product_grads(g: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, w0: 
 def d2_unmerge(
     w_hat: torch.Tensor, dw: torch.Tensor, unit_scale: torch.Tensor
 ) -> torch.Tensor:
-    """Invert ``W_hat = (W0 + dW) * k + dW`` for ``W0``, with ``k = n(W0)/n(W')`` cached at merge time."""
-    return (w_hat - dw) / unit_scale - dw
+    """Invert ``W_hat = (W0 + dW) * k + dW`` for ``W0``, with ``k = n(W0)/n(W')`` cached at merge time.
+
+    ``k = 0`` only where ``n(W0) = 0``: that unit of ``W0`` was all zeros, and is restored as zeros (not 0/0)."""
+    return torch.where(unit_scale > 0, (w_hat - dw) / unit_scale - dw, 0.0)
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
@@ -337,7 +363,9 @@ def _bias_grad(grad_out: torch.Tensor) -> torch.Tensor:
     return _matrix(grad_out).sum(0)
 
 
-def _blocks_for(w0: torch.Tensor, factor_dtype: torch.dtype, kernel: KernelOptions, whole: bool = False) -> list[slice]:
+def weight_blocks(w0: torch.Tensor, factor_dtype: torch.dtype, kernel: KernelOptions,
+                  whole: bool = False) -> list[slice]:
+    """The row blocks in which ``W0``'s ``out x in`` matrices are built (``whole``: one block)."""
     out_features, in_features = w0.shape
     per_block = out_features if whole else kernel.rows_per_block(out_features, in_features, factor_dtype.itemsize)
     return row_blocks(out_features, per_block)
@@ -364,12 +392,12 @@ class DualLoraLinearFunction(torch.autograd.Function):
         compute_dtype = autocast_dtype(x)
 
         def weight_rows(s):
-            return _build_weight(B[s] @ A, D[s] @ C, _dense(w0[s], A.dtype), coef, magnitude_activation,
-                                 direction_activation, with_base).to(compute_dtype)
+            return dual_weight_rows(s, w0, A, B, C, D, coef, magnitude_activation, direction_activation,
+                                    with_base).to(compute_dtype)
 
         with torch.autocast(x.device.type, enabled=False):
             y = _blocked_linear(_matrix(x).to(compute_dtype), weight_rows,
-                                None if bias is None else bias.to(compute_dtype), _blocks_for(w0, A.dtype, kernel))
+                                None if bias is None else bias.to(compute_dtype), weight_blocks(w0, A.dtype, kernel))
         ctx.save_for_backward(x, w0, A, B, C, D, coef)
         ctx.options = (with_base, magnitude_activation, direction_activation, ste, bias is not None, kernel)
         ctx.compute_dtype = compute_dtype
@@ -385,7 +413,7 @@ class DualLoraLinearFunction(torch.autograd.Function):
         grad_B, grad_D = torch.empty_like(B), torch.empty_like(D)
         with torch.autocast(x.device.type, enabled=False):
             work = _BlockedBackward(x, grad_out, A.dtype, kernel, ctx.needs_input_grad[0])
-            for s in _blocks_for(w0, A.dtype, kernel):
+            for s in weight_blocks(w0, A.dtype, kernel):
                 p, q = B[s] @ A, D[s] @ C  # rebuilt once per block, shared by the input and the factor gradients
                 if work.grad_x is not None:
                     work.add_input_grad(s, _build_weight(p, q, _dense(w0[s], A.dtype), coef, mag_name, dir_name,
@@ -407,6 +435,14 @@ _build_weight = fused(dual_weight_from_products)
 _product_grads = fused(dual_product_grads)
 
 
+def dual_weight_rows(s: slice, w0, A, B, C, D, coef, magnitude_activation: str, direction_activation: str,
+                     with_base: bool = True) -> torch.Tensor:
+    """Rows ``s`` of ``W0 + dW`` (or of ``dW``) in the factors' dtype: the rows one block of the memory-efficient
+    forward, the eval cache and :func:`blocked_weight` build (row ``i`` needs row ``i`` of ``B``, ``D``, ``W0`` only)."""
+    return _build_weight(B[s] @ A, D[s] @ C, _dense(w0[s], A.dtype), coef, magnitude_activation, direction_activation,
+                         with_base)
+
+
 class D2LoraLinearFunction(torch.autograd.Function):
     """``y = x W_hat^T + b`` (or ``x (W_hat - W0)^T`` when ``with_base`` is False) for D2-LoRA.
 
@@ -420,12 +456,11 @@ class D2LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, w0, bias, A_pos, B_pos, A_neg, B_neg, w0_norm, scale, tau, norm_axis, detach_norm, with_base,
                 kernel=DEFAULT_KERNEL):
         compute_dtype = autocast_dtype(x)
-        blocks = _blocks_for(w0, A_pos.dtype, kernel, whole=norm_axis == "in")
+        blocks = weight_blocks(w0, A_pos.dtype, kernel, whole=norm_axis == "in")
 
         def weight_rows(s):
-            norm = w0_norm[s] if norm_axis == "out" else w0_norm
-            return _build_d2_weight(A_pos[s] @ B_pos, A_neg[s] @ B_neg, _dense(w0[s], A_pos.dtype), norm, scale, tau,
-                                    norm_axis, detach_norm, with_base).to(compute_dtype)
+            return d2_weight_rows(s, w0, A_pos, B_pos, A_neg, B_neg, w0_norm, scale, tau, norm_axis, detach_norm,
+                                  with_base).to(compute_dtype)
 
         with torch.autocast(x.device.type, enabled=False):
             y = _blocked_linear(_matrix(x).to(compute_dtype), weight_rows,
@@ -445,7 +480,7 @@ class D2LoraLinearFunction(torch.autograd.Function):
         grad_B_pos, grad_B_neg = torch.zeros_like(B_pos), torch.zeros_like(B_neg)
         with torch.autocast(x.device.type, enabled=False):
             work = _BlockedBackward(x, grad_out, A_pos.dtype, kernel, ctx.needs_input_grad[0])
-            for s in _blocks_for(w0, A_pos.dtype, kernel, whole=norm_axis == "in"):
+            for s in weight_blocks(w0, A_pos.dtype, kernel, whole=norm_axis == "in"):
                 pos, neg, w0f = A_pos[s] @ B_pos, A_neg[s] @ B_neg, _dense(w0[s], A_pos.dtype)
                 norm = w0_norm[s] if norm_axis == "out" else w0_norm
                 if work.grad_x is not None:
@@ -468,3 +503,21 @@ class D2LoraLinearFunction(torch.autograd.Function):
 
 _build_d2_weight = fused(d2_weight_from_products)
 _d2_product_grads = fused(d2_product_grads)
+
+
+def d2_weight_rows(s: slice, w0, A_pos, B_pos, A_neg, B_neg, w0_norm, scale: float, tau: float, norm_axis: str,
+                   detach_norm: bool, with_base: bool = True) -> torch.Tensor:
+    """Rows ``s`` of ``W_hat`` (or of ``W_hat - W0``) in the factors' dtype. With ``norm_axis="out"`` a row's
+    projection needs only its own row; with ``"in"`` the caller passes the whole matrix as one block."""
+    norm = w0_norm[s] if norm_axis == "out" else w0_norm
+    return _build_d2_weight(A_pos[s] @ B_pos, A_neg[s] @ B_neg, _dense(w0[s], A_pos.dtype), norm, scale, tau,
+                            norm_axis, detach_norm, with_base)
+
+
+def blocked_weight(rows, blocks: list[slice], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The whole ``out x in`` matrix, filled block by block from ``rows(s)`` and cast to ``dtype`` as each block is
+    made: beside the result only one block exists at a time."""
+    weight = torch.empty(blocks[-1].stop, like.shape[1], dtype=dtype, device=like.device)
+    for s in blocks:
+        weight[s] = rows(s)
+    return weight

@@ -4,6 +4,9 @@ A method subclass (``dual.py``, ``d2.py``) says which factors an adapter has, ho
 functional builds the weight; everything else lives here once: orientation of the base weight (Linear stores
 ``(out, in)``, GPT-2's Conv1D ``(in, out)``), forward, dropout, merge and unmerge (safe or not), the eval cache.
 
+Merges compute in float32 and cast once, whatever the model's dtype. Each merge keeps a copy of the factors it
+used (and the method's own constants), so unmerge subtracts exactly what merge added, whatever happened between.
+
 Several active adapters compose in order: ``W = f_k(... f_1(W0))``. Merge applies the same sequence, so merged
 and unmerged outputs agree for any number of adapters.
 """
@@ -19,16 +22,33 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .functional import KernelOptions, autocast_dtype
+from .functional import KernelOptions, autocast_dtype, blocked_weight
+from .watch import fingerprint, is_sharded
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
+# packages whose Linear subclasses hold quantized weights (their layers are refused by name, not by a crash)
+QUANTIZATION_LIBRARIES = ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "torchao", "optimum.quanto")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A Linear or Conv1D with a dense floating-point weight. Quantized layers (bitsandbytes' ``Linear4bit`` and
+    ``Linear8bitLt``, and others) subclass ``nn.Linear`` but hold packed integer weights, which are not ``W0``."""
+    if not isinstance(module, SUPPORTED_LAYER_TYPES):
+        return False
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.is_floating_point()
+            and not any(cls.__module__.startswith(QUANTIZATION_LIBRARIES) for cls in (type(module), type(weight))))
 
 
 def unsupported_layer_error(module: nn.Module, name: str = "") -> TypeError:
     where = f" ({name})" if name else ""
+    quantized = isinstance(module, SUPPORTED_LAYER_TYPES)  # a Linear subclass refused for its weight
+    why = (" It holds a quantized weight, which Dual LoRA and D2-LoRA cannot adapt yet: load the base model "
+           "without quantization (e.g. in bfloat16)." if quantized else "")
     return TypeError(
-        f"Target module{where} is a {type(module).__module__}.{type(module).__name__}, which cannot be adapted. "
-        "Supported layer types: torch.nn.Linear and transformers' Conv1D (GPT-2). Choose other `target_modules`."
+        f"Target module{where} is a {type(module).__module__}.{type(module).__name__}, which cannot be adapted.{why} "
+        "Supported layer types: torch.nn.Linear and transformers' Conv1D (GPT-2) with a floating-point weight. "
+        "Choose other `target_modules`."
     )
 
 
@@ -41,7 +61,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **layer_kwargs) -> None:
         super().__init__()
-        if not isinstance(base_layer, SUPPORTED_LAYER_TYPES):
+        if not is_adaptable(base_layer):
             raise unsupported_layer_error(base_layer)
         self.base_layer = base_layer
         self._disable_adapters = False
@@ -51,9 +71,11 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         self.out_features, self.in_features = self.base_weight().shape
         self.memory_efficient: dict[str, bool] = {}
         self.kernel_options: dict[str, KernelOptions] = {}
+        self.eval_cache: dict[str, bool] = {}
         setattr(self, self.prefix + "dropout", nn.ModuleDict())  # under the method's prefix, as PEFT expects
         self._eval_cache: Optional[tuple[tuple, torch.Tensor]] = None
-        self._merge_state: dict[str, Any] = {}  # what unmerge needs, per merged adapter
+        self._sharded = False  # seen sharded once (FSDP, ZeRO-3): sticky, the eval cache stays off
+        self._merge_records: dict[str, Any] = {}  # what unmerge needs, per merged adapter
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, **layer_kwargs)
 
@@ -61,21 +83,32 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
     def create_adapter(self, adapter_name: str, config, **layer_kwargs) -> None:
         raise NotImplementedError
 
-    def adapted_weight(self, adapter_name: str, w_in: torch.Tensor) -> torch.Tensor:
-        """Differentiable ``f(W_in)`` for one adapter, ``(out, in)``."""
+    def adapted_weight(self, adapter_name: str, w_in: torch.Tensor, factors=None) -> torch.Tensor:
+        """Differentiable ``f(W_in)`` for one adapter, ``(out, in)``, computed in the dtype of ``factors`` (default:
+        the adapter's own)."""
         raise NotImplementedError
 
     def fused_linear(self, adapter_name, x, w0, bias, with_base: bool) -> torch.Tensor:
         """``x f(W0)^T + b`` (or ``x (f(W0) - W0)^T``) through the memory-efficient autograd Function."""
         raise NotImplementedError
 
-    def merge_weight(self, adapter_name: str, w_in: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """``f(W_in)`` without gradient, and what :meth:`unmerge_weight` needs to invert it."""
-        with torch.no_grad():
-            return self.adapted_weight(adapter_name, w_in), None
-
-    def unmerge_weight(self, adapter_name: str, w_out: torch.Tensor, state: Any) -> torch.Tensor:
+    def weight_rows(self, adapter_name: str, w0: torch.Tensor, factors) -> tuple[list[slice], Any]:
+        """The row blocks of ``f(W0)`` and the function that builds rows ``s`` from ``factors`` (as the memory-
+        efficient forward does), for building the whole weight one block at a time."""
         raise NotImplementedError
+
+    def merge_weight(self, adapter_name: str, w_in: torch.Tensor, factors) -> tuple[torch.Tensor, Any]:
+        """``f(W_in)`` from float32 ``factors``, without gradient, and the method's constants that
+        :meth:`unmerge_weight` needs besides the factors."""
+        with torch.no_grad():
+            return self.adapted_weight(adapter_name, w_in, factors), None
+
+    def unmerge_weight(self, adapter_name: str, w_out: torch.Tensor, factors, constants: Any) -> torch.Tensor:
+        """``W_in`` from ``W_out = f(W_in)``, with the float32 factors and constants of the merge."""
+        raise NotImplementedError
+
+    def before_adapter_forward(self, active: list[str], x: torch.Tensor) -> None:
+        """Called before a forward through the adapters (not when merged or disabled); a method's bookkeeping."""
 
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         """The trainable factors of one adapter, in the order of ``adapter_layer_names``."""
@@ -84,6 +117,10 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
     def factor_tensors(self, adapter_name: str) -> list[torch.Tensor]:
         """Every tensor that ``f`` reads for this adapter (the eval cache watches them)."""
         return list(self.factors(adapter_name))
+
+    def float_factors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """The factors in float32, without gradient: what merges, the eval cache and inspection compute with."""
+        return tuple(f.detach().float() for f in self.factors(adapter_name))
 
     # ----------------------------------------------------------------- base weight
     def base_weight(self) -> torch.Tensor:
@@ -103,6 +140,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config, **layer_kwargs) -> None:
         """Add an adapter: its factors, dropout and options (called for the first and every later adapter)."""
         self.memory_efficient[adapter_name] = config.memory_efficient
+        self.eval_cache[adapter_name] = config.eval_cache
         self.kernel_options[adapter_name] = KernelOptions(getattr(torch, config.weight_grad_dtype or "", None),
                                                           config.block_mib)
         self.dropouts[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -123,6 +161,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         active = self._present_active_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
+        self.before_adapter_forward(active, x)
         bias = self.base_layer.bias
         if self._eval_cache_applies(active):
             weight = self._cached_weight(active, autocast_dtype(x))
@@ -159,71 +198,106 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
 
     # ----------------------------------------------------------------- eval cache
     def _eval_cache_applies(self, active: list[str]) -> bool:
-        """Reuse the adapted weight in eval mode, unless a gradient w.r.t. the factors is being asked for."""
-        if self.training:
+        """Reuse the adapted weight in eval mode, unless a gradient w.r.t. the factors is being asked for, the
+        config turned the cache off, or the weights are sharded (a whole copy per process would undo the sharding)."""
+        if self.training or not all(self.eval_cache[name] for name in active) or self._weights_sharded(active):
             return False
         if not torch.is_grad_enabled():
             return True
         return not any(t.requires_grad for name in active for t in self.factor_tensors(name))
 
+    def _weights_sharded(self, active: list[str]) -> bool:
+        self._sharded = self._sharded or any(is_sharded(t) for t in self._watched(active))
+        return self._sharded
+
+    def _watched(self, active: list[str]) -> list[torch.Tensor]:
+        return [self.base_layer.weight] + [t for name in active for t in self.factor_tensors(name)]
+
     @torch.compiler.disable  # python-side bookkeeping: keep it out of a compiled graph
     def _cached_weight(self, active: list[str], dtype: torch.dtype) -> torch.Tensor:
-        # The key sees every tensor f reads: an optimizer step or load_state_dict bumps `_version`, a
-        # replaced tensor changes `data_ptr`; so a stale weight is never served.
-        watched = [self.base_layer.weight] + [t for name in active for t in self.factor_tensors(name)]
-        key = (tuple(active), dtype) + tuple((t.data_ptr(), t._version, t.device) for t in watched)
+        # The key holds a fingerprint of the values of every tensor f reads (the base weight, the factors, the
+        # warm-up clock), so a change through any path (an optimizer step, load_state_dict, a write through
+        # `.data`, which version counters miss) rebuilds the weight: a stale one is never served. Checking costs one
+        # read of W0 and one host sync per call; building costs several out x in passes and matmuls.
+        watched = self._watched(active)
+        key = (tuple(active), dtype, self.base_layer.weight.device, tuple(fingerprint(watched)))
         if self._eval_cache is None or self._eval_cache[0] != key:
             self._eval_cache = None  # free the old weight before building the new one
-            with torch.no_grad():
-                weight = self.base_weight().float()
-                for name in active:
-                    weight = self.adapted_weight(name, weight)
-            self._eval_cache = (key, weight.to(dtype))
+            self._eval_cache = (key, self._adapted_weight_no_grad(active, dtype))
         return self._eval_cache[1]
+
+    def _adapted_weight_no_grad(self, active: list[str], dtype: torch.dtype) -> torch.Tensor:
+        """``f_k(... f_1(W0))`` from float32 factors, cast to ``dtype``. One adapter is built one row block at a
+        time (the ``block_mib`` bound); several compose on whole float32 matrices (each reads its predecessor)."""
+        with torch.no_grad():
+            w0 = self.base_weight()
+            if len(active) == 1:
+                blocks, rows = self.weight_rows(active[0], w0, self.float_factors(active[0]))
+                return blocked_weight(lambda s: rows(s).to(dtype), blocks, w0, dtype)
+            weight = w0.float()
+            for name in active:
+                weight = self.adapted_weight(name, weight, self.float_factors(name))
+            return weight.to(dtype)
 
     def clear_eval_cache(self) -> None:
         self._eval_cache = None
 
     def train(self, mode: bool = True):
-        if mode:
-            self._eval_cache = None  # the cache only serves eval; don't hold the memory during training
+        self._eval_cache = None  # a mode switch starts afresh; training never holds the cache's memory
+        self._weights_sharded(list(getattr(self, self.adapter_layer_names[0]).keys()))  # FSDP shards outside forward
         return super().train(mode)
 
     # ----------------------------------------------------------------- merge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write ``f(W0)`` into the base weight, computed in float32 and then cast.
 
-        With ``safe_merge`` nothing is written unless every merged weight is finite.
+        With ``safe_merge`` nothing is written unless every factor and the merged weight are finite.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         factors = getattr(self, self.adapter_layer_names[0])
         adapter_names = [name for name in adapter_names if name in factors]
         if not adapter_names:
             return
-        weight, states = self._merged_weight(adapter_names)
-        if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(
-                f"Merging adapter(s) {adapter_names} gives NaN/Inf weights in this layer; the base weights were left "
-                "untouched. The adapter is broken: check its training (learning rate, loss scaling)."
-            )
+        weight, records = self._merged_weight(adapter_names)
+        if safe_merge:
+            problems = self.merge_problems(adapter_names, weight)
+            if problems:
+                raise ValueError(
+                    f"safe_merge: merging adapter(s) {adapter_names} would write NaN/Inf into this layer ("
+                    f"{'; '.join(problems)}); the base weights were left untouched. The adapter is broken: check its "
+                    "training (learning rate, loss scaling)."
+                )
         self._write_base_weight(weight)
-        self._merge_state.update(states)
+        self._merge_records.update(records)
         self.merged_adapters.extend(adapter_names)
         self._eval_cache = None
 
     def _merged_weight(self, adapter_names: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
-        states = {}
+        """The merged weight in the base weight's dtype, and per adapter the record its unmerge needs: a copy of the
+        factors the merge used and the method's constants (the warm-up factor, D2's unit scales)."""
+        records = {}
         with torch.no_grad():
             weight = self.base_weight().float()
             for name in adapter_names:
-                weight, states[name] = self.merge_weight(name, weight)
-        return weight, states
+                copies = tuple(f.detach().clone() for f in self.factors(name))
+                weight, constants = self.merge_weight(name, weight, tuple(c.float() for c in copies))
+                records[name] = (copies, constants)
+        return weight.to(self.base_layer.weight.dtype), records
 
-    def merged_weight_is_finite(self, adapter_names: Optional[list[str]] = None) -> bool:
-        """Dry run of a merge: would the merged weight be finite? (Nothing is written.)"""
+    def merge_problems(self, adapter_names: Optional[list[str]] = None, merged: Optional[torch.Tensor] = None
+                       ) -> list[str]:
+        """Why merging would write NaN/Inf into this layer: each non-finite factor by name, or a merged weight that is
+        not finite in the base weight's dtype (an overflow). Empty when a merge is safe. Nothing is written."""
         names = [n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters]
         names = [n for n in names if n in getattr(self, self.adapter_layer_names[0])]
-        return not names or bool(torch.isfinite(self._merged_weight(names)[0]).all())
+        problems = [f"{attr}[{name!r}] holds NaN/Inf" for name in names
+                    for attr, factor in zip(self.adapter_layer_names, self.factors(name))
+                    if not torch.isfinite(factor).all()]
+        if names and not problems:
+            merged = self._merged_weight(names)[0] if merged is None else merged
+            if not torch.isfinite(merged).all():
+                problems.append(f"the merged weight overflows {self.base_layer.weight.dtype}")
+        return problems
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -233,15 +307,16 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
             weight = self.base_weight().float()
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                weight = self.unmerge_weight(name, weight, self._merge_state.pop(name, None))
+                copies, constants = self._merge_records.pop(name)
+                weight = self.unmerge_weight(name, weight, tuple(c.float() for c in copies), constants)
         self._write_base_weight(weight)
         self._eval_cache = None
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``f(W0) - W0`` for one adapter, as ``(out, in)``, without gradient (for inspection)."""
+        """``f(W0) - W0`` for one adapter, as ``(out, in)``, in float32 without gradient (for inspection)."""
         with torch.no_grad():
             w0 = self.base_weight().float()
-            return self.adapted_weight(adapter_name, w0) - w0
+            return self.adapted_weight(adapter_name, w0, self.float_factors(adapter_name)) - w0
 
     def __repr__(self) -> str:
         return f"{self.prefix.rstrip('_')}.{super().__repr__()}"

@@ -12,6 +12,7 @@ The hand-written prose (the introduction and the caveats) lives in ``<root>/repo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -79,6 +80,7 @@ class Group:
     results: list[dict]
     lr: Optional[float] = None
     note: str = ""  # why there are no results yet, or fewer than planned
+    same_as: Optional[str] = None  # an earlier group whose runs these are, bit for bit: not a finding of its own
 
     def scores(self, metric: str) -> list[float]:
         return [points(r["test"][metric], metric) for r in self.results]
@@ -160,6 +162,27 @@ class ExperimentResults:
         return best is not None and best <= majority + margin
 
 
+def run_outcome(result: dict) -> str:
+    """Everything a run measured that its options could change: its seed, loss curve and scores."""
+    return json.dumps([result["config"]["seed"], result["loss_curve"], result["validation"], result["test"]],
+                      sort_keys=True)
+
+
+def mark_identical(groups: list[Group]) -> None:
+    """Mark each group whose runs are those of an earlier group, seed for seed, loss curve and scores equal: the
+    options it changes had no effect at all (the STE variants at the default init, say), so it must not be ranked
+    as a finding of its own."""
+    seen: dict[tuple, str] = {}
+    for g in groups:
+        if not g.results:
+            continue
+        key = tuple(sorted(run_outcome(r) for r in g.results))
+        if key in seen:
+            g.same_as = seen[key]
+        else:
+            seen[key] = g.label
+
+
 def collect(experiment: Experiment) -> ExperimentResults:
     """The experiment's finished runs, grouped: a comparison's methods at their chosen lr, an ablation's variants."""
     finished = finished_runs(experiment)
@@ -168,6 +191,7 @@ def collect(experiment: Experiment) -> ExperimentResults:
         for variant in experiment.variants:
             runs = [finished[n] for s in experiment.seeds if (n := Run(experiment, variant, None, s).name) in finished]
             out.groups.append(Group(variant, runs, note="" if runs else NOT_RUN))
+        mark_identical(out.groups)
         return out
     for method in experiment.methods:
         lr = chosen_lr(experiment, method, finished)
@@ -196,7 +220,7 @@ def _cost_cells(group: Group) -> list[str]:
 
 
 def _best_mean(results: ExperimentResults, metric: str) -> Optional[float]:
-    means = [statistics.mean(g.scores(metric)) for g in results.groups if g.results]
+    means = [statistics.mean(g.scores(metric)) for g in results.groups if g.results and not g.same_as]
     return max(means) if means else None
 
 
@@ -238,10 +262,18 @@ def group_table(results: ExperimentResults) -> str:
         else:
             overrides = ", ".join(f"{k}={v}" for k, v in exp.variants[g.label].items()) or "(base)"
             lead = [g.label, overrides, f"{g.first('trainable_params'):,}" if g.results else ""]
-        scores = [fmt_score(g.scores(m), bold=bool(g.results) and statistics.mean(g.scores(m)) == best.get(m))
-                  for m in metrics]
+        ranked = bool(g.results) and not g.same_as
+        scores = [fmt_score(g.scores(m), bold=ranked and statistics.mean(g.scores(m)) == best.get(m))
+                  + (f" (= {g.same_as}: identical runs)" if g.same_as else "") for m in metrics]
         rows.append(lead + scores + [str(len(g.results)) if g.results else "0"] + _cost_cells(g))
-    return _caption(results) + "\n\n" + _table(header, rows)
+    identical = [g for g in results.groups if g.same_as]
+    note = ""
+    if identical:
+        pairs = ", ".join(f"{g.label} = {g.same_as}" for g in identical)
+        note = (f"\n\nIdentical runs ({pairs}): loss curve, validation and test scores equal at every seed, bit for "
+                "bit. The options these variants change had no effect at all in this setting, so they are not "
+                "separate findings and are not ranked.")
+    return _caption(results) + note + "\n\n" + _table(header, rows)
 
 
 def lr_table(results: ExperimentResults) -> str:
@@ -505,8 +537,9 @@ def plot_ablation(results: ExperimentResults, path: Path) -> bool:
     stds = [mean_std(g.scores(metric))[1] or 0.0 for g in groups]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(groups) + 1.5))
     y = range(len(groups))
-    ax.barh(y, means, xerr=stds, capsize=4, color="tab:orange", alpha=0.8)
-    ax.set_yticks(list(y), [g.label for g in groups])
+    ax.barh(y, means, xerr=stds, capsize=4, color=["lightgray" if g.same_as else "tab:orange" for g in groups],
+            alpha=0.8)
+    ax.set_yticks(list(y), [f"{g.label} (= {g.same_as})" if g.same_as else g.label for g in groups])
     ax.invert_yaxis()
     ax.axvline(means[0], color="black", linestyle=":", label=f"{groups[0].label}")
     low = min(m - s for m, s in zip(means, stds))

@@ -29,9 +29,17 @@ from .evaluate import PRIMARY_METRIC, evaluate
 from .tasks import Task, load_task
 
 METHODS = ("dual", "d2", "lora", "dora", "full")
+# What may change when a run is resumed: its step budget and its evaluation and checkpoint cadence. Anything else
+# would make the resumed run another experiment than the one its checkpoint belongs to.
+RESUMABLE_OPTIONS = ("max_steps", "epochs", "eval_every", "save_every")
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dora": 1e-3, "dual": 1e-3, "d2": 1e-3}
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "config.json",
              "metrics.json", "run_config.json", "training.png", "checkpoints")
+
+
+def flag(option: str) -> str:
+    """The command-line flag of a RunConfig field (``r`` is ``--rank``: torchrun's parser takes ``--r`` for itself)."""
+    return "--rank" if option == "r" else "--" + option.replace("_", "-")
 
 
 @dataclass
@@ -81,7 +89,7 @@ class RunConfig:
         """Ranges of the run's own flags (the adapter configs check theirs)."""
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; valid: {list(METHODS)}")
-        checks = [("--r", self.r, self.r >= 1, ">= 1"), ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+        checks = [("--rank", self.r, self.r >= 1, ">= 1"), ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
                   ("--grad-accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
                   ("--max-length", self.max_length, self.max_length >= 8, ">= 8"),
                   ("--epochs", self.epochs, self.epochs > 0, "> 0"),
@@ -210,6 +218,53 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
     return complete[-1].parent if complete else None
 
 
+def saved_run_config(output_dir) -> Optional[dict]:
+    """The options of the run in ``output_dir`` (its ``run_config.json``), or None if there is none."""
+    path = Path(output_dir) / "run_config.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def resumed_config(cfg: RunConfig, saved: dict) -> tuple[RunConfig, list[str]]:
+    """The configuration a resumed run continues with: the saved one, with the options of ``RESUMABLE_OPTIONS``
+    taken from ``cfg`` where they differ (and named in the returned notes). Any other difference is refused by name:
+    the checkpoint belongs to the saved options."""
+    saved_cfg = RunConfig.from_dict({**saved, "output_dir": cfg.output_dir})
+    changed = [f.name for f in fields(RunConfig) if getattr(cfg, f.name) != getattr(saved_cfg, f.name)]
+    refused = [name for name in changed if name not in RESUMABLE_OPTIONS]
+    if refused:
+        listed = ", ".join(f"{flag(n)} {getattr(cfg, n)!r} (the run has {getattr(saved_cfg, n)!r})" for n in refused)
+        raise ValueError(
+            f"--resume continues the run in {cfg.output_dir} with the options it was started with; these differ: "
+            f"{listed}. Only {', '.join(flag(n) for n in RESUMABLE_OPTIONS)} may change on resume. Drop the "
+            "others, or start another run (a new --output-dir, or --overwrite)."
+        )
+    notes = [f"{flag(n)} {getattr(saved_cfg, n)} -> {getattr(cfg, n)}" for n in changed]
+    return RunConfig.from_dict({**asdict(saved_cfg), **{n: getattr(cfg, n) for n in changed}}), notes
+
+
+def reduce_across_processes(accelerator, values: list[float], reduction: str) -> list[float]:
+    """``values`` reduced over the processes (each process passes its own). The tensor lives on
+    ``accelerator.device``: NCCL, the multi-GPU backend, takes GPU tensors only."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(tensor, reduction=reduction).tolist()
+
+
+def rng_state() -> dict:
+    """The random state a resumed run needs for the same dropout masks: the CPU's, and the current GPU's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state) -> None:
+    if isinstance(state, torch.Tensor):  # a checkpoint of duallora 0.1: the CPU's state only
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
     """Write a directory under a temporary name, then rename it into place (never a half-written one)."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -279,9 +334,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     from transformers import get_linear_schedule_with_warmup
 
     cfg.validate()
-    saved_config = Path(cfg.output_dir) / "run_config.json"
-    if resume and saved_config.exists():
-        cfg = RunConfig.from_dict({**json.loads(saved_config.read_text()), "output_dir": cfg.output_dir})
+    saved = saved_run_config(cfg.output_dir) if resume else None
+    resume_notes = []
+    if saved is not None:
+        cfg, resume_notes = resumed_config(cfg, saved)
     # bf16 through torch.autocast below rather than accelerate's mixed_precision, which is fixed once per process
     # (a second in-process run with another setting would be refused)
     accelerator = make_accelerator(cfg.grad_accum)
@@ -310,6 +366,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
 
     state = {"step": 0, "micro_batch": 0, "losses": [], "evaluations": [], "train_seconds": 0.0, "eval_seconds": 0.0}
     checkpoint = latest_checkpoint(out) if resume else None
+    if resume and accelerator.is_main_process:
+        where = f"from {checkpoint}" if checkpoint else f"from step 0: no checkpoint in {out / 'checkpoints'}"
+        changes = f", with {'; '.join(resume_notes)}" if resume_notes else ""
+        print(f"--resume: continuing {out} {where}{changes}.", file=sys.stderr)
     if checkpoint is not None:
         unwrapped = accelerator.unwrap_model(model)
         weights = load_file(checkpoint / ("adapter_model.safetensors" if cfg.method != "full" else "model.safetensors"))
@@ -317,11 +377,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
             unwrapped.load_state_dict(weights, strict=False)
         else:
             set_peft_model_state_dict(unwrapped, weights)
-        saved = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        state = saved["state"]
+        saved_state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(saved_state["optimizer"])
+        scheduler.load_state_dict(saved_state["scheduler"])  # a new step budget: the schedule follows the new total
+        set_rng_state(saved_state["rng"])
+        state = saved_state["state"]
     if accelerator.is_main_process:
         atomic_write_text(out / "run_config.json", json.dumps(asdict(cfg), indent=2))
 
@@ -337,7 +397,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         def write(tmp: Path):
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=weights)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(), "state": state}, tmp / "trainer_state.pt")
+                        "rng": rng_state(), "state": state}, tmp / "trainer_state.pt")
         if accelerator.is_main_process:
             atomic_dir(out / "checkpoints" / f"step-{state['step']:07d}", write)
             for old in sorted((out / "checkpoints").glob("step-*"))[:-1]:
@@ -379,7 +439,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
-            running_loss = accelerator.reduce(torch.tensor(running_loss), reduction="mean").item()  # all processes
+            running_loss = reduce_across_processes(accelerator, [running_loss], "mean")[0]  # all processes
             state["losses"].append(running_loss)
             bar.set_postfix(loss=f"{running_loss:.4f}", refresh=False)  # drawn at the bar's own pace
             bar.update(1)
@@ -389,8 +449,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                 scores = run_eval()
                 if accelerator.is_main_process:
                     bar.write(f"step {state['step']}: validation {_fmt(scores)}")
-            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
-                save_checkpoint()
+            if cfg.save_every and (state["step"] % cfg.save_every == 0 or state["step"] == total_steps):
+                save_checkpoint()  # the last one too: a resume with a larger --max-steps goes on from the end
             if on_step is not None:
                 on_step(state["step"], model)
     except KeyboardInterrupt:
@@ -408,13 +468,13 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     test_examples = task.test[: cfg.max_eval_examples]
     test_scores = evaluate(accelerator.unwrap_model(model), tokenizer, task, test_examples, cfg.max_length,
                            accelerator=accelerator)
-    costs = accelerator.reduce(torch.tensor([state["train_seconds"], peak_memory_mib()], dtype=torch.float64),
-                               reduction="max")  # the slowest and the largest process
+    train_seconds, peak_mib = reduce_across_processes(accelerator, [state["train_seconds"], peak_memory_mib()],
+                                                      "max")  # the slowest and the largest process
     metrics = {
         "method": cfg.method, "model": cfg.model, "task": task.name, "task_kind": task.kind,
         "primary_metric": PRIMARY_METRIC[task.kind], "test": test_scores, "validation": validation,
         "evaluations": state["evaluations"], "losses": state["losses"], "steps": state["step"],
-        "train_seconds": costs[0].item(), "peak_memory_mib": costs[1].item(),
+        "train_seconds": train_seconds, "peak_memory_mib": peak_mib,
         "processes": accelerator.num_processes, "global_batch_size": global_batch * cfg.grad_accum,
         "trainable_params": trainable, "total_params": total,
         "test_examples": len(test_examples),  # the report weighs a score against the majority class by it

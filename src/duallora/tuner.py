@@ -27,7 +27,7 @@ from torch import nn
 
 from .d2 import D2LoraLayer
 from .dual import DualLoraLayer
-from .layer import SUPPORTED_LAYER_TYPES, AdaptedLayer, Conv1D, unsupported_layer_error
+from .layer import SUPPORTED_LAYER_TYPES, AdaptedLayer, Conv1D, is_adaptable, unsupported_layer_error
 
 _PEFT_KEY_PREFIX = "base_model.model."
 
@@ -66,7 +66,7 @@ class AdaptedWeightTuner(BaseTuner):
             elif result:
                 matched.append((name, module))
         bad = [(name, m) for name, m in matched
-               if not isinstance(m.get_base_layer() if isinstance(m, BaseTunerLayer) else m, SUPPORTED_LAYER_TYPES)
+               if not is_adaptable(m.get_base_layer() if isinstance(m, BaseTunerLayer) else m)
                or (isinstance(m, BaseTunerLayer) and not isinstance(m, self.tuner_layer_cls))]
         if bad:
             name, module = bad[0]
@@ -87,7 +87,7 @@ class AdaptedWeightTuner(BaseTuner):
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config, r=r, lora_alpha=alpha)
             return
-        if isinstance(target, BaseTunerLayer) or not isinstance(target, SUPPORTED_LAYER_TYPES):
+        if isinstance(target, BaseTunerLayer) or not is_adaptable(target):
             raise unsupported_layer_error(target, current_key)
         _align_fan_in_fan_out(config, target, current_key)
         new_module = self.tuner_layer_cls(target, adapter_name, config, r=r, lora_alpha=alpha)
@@ -97,12 +97,13 @@ class AdaptedWeightTuner(BaseTuner):
 
     # ------------------------------------------------------------------ merging
     def _check_merge_finite(self, adapter_names: Optional[list[str]]) -> None:
-        bad = [name for name, m in self.model.named_modules()
-               if isinstance(m, AdaptedLayer) and not m.merged_weight_is_finite(adapter_names)]
+        bad = [f"{name}: {'; '.join(problems)}" for name, m in self.model.named_modules()
+               if isinstance(m, AdaptedLayer) and (problems := m.merge_problems(adapter_names))]
         if bad:
             raise ValueError(
-                f"safe_merge: merging would write NaN/Inf into {len(bad)} layer(s), e.g. {bad[:5]}; no weight was "
-                "changed. The adapter is broken: check its training (learning rate, loss scaling)."
+                f"safe_merge: merging would write NaN/Inf into {len(bad)} layer(s): {' | '.join(bad[:5])}"
+                f"{' | ...' if len(bad) > 5 else ''}; no weight was changed. The adapter is broken: check its training "
+                "(learning rate, loss scaling)."
             )
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -133,8 +134,8 @@ class D2LoraModel(AdaptedWeightTuner):
 
 
 def adaptable_module_names(model: nn.Module) -> list[str]:
-    """Names of the modules these methods can adapt (Linear and Conv1D)."""
-    return [name for name, m in model.named_modules() if isinstance(m, SUPPORTED_LAYER_TYPES)]
+    """Names of the modules these methods can adapt (Linear and Conv1D with a floating-point weight)."""
+    return [name for name, m in model.named_modules() if is_adaptable(m)]
 
 
 def _align_fan_in_fan_out(config, target: nn.Module, key: str) -> None:
