@@ -149,7 +149,7 @@ def main() -> None:
                         max_eval_examples=args.max_eval_examples, bf16=True,
                         output_dir=str(Path(args.work_dir) / f"lr{lr:g}"))
         runs.append(measure(cfg))
-    payload = {"args": vars(args), "command": "python benchmarks/ste_magnitudes.py " + " ".join(sys.argv[1:]),
+    payload = {"args": vars(args), "command": " ".join(["python benchmarks/ste_magnitudes.py", *sys.argv[1:]]),
                "runs": runs}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

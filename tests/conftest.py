@@ -43,6 +43,18 @@ def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
 
 MODELS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 
+# Two float32 computations of one value in another order (merged vs unmerged, fused vs eager, blocked vs whole, one
+# process vs two): a reduction of n terms rounds to within (n - 1) eps of the sum of the terms' sizes. The tiny
+# models reduce over at most 64 terms (the MLP width), in chains of at most 16 (embedding, two decoder layers of
+# attention and MLP, the head), so the results agree within 64 * 16 eps of the size of what they compute.
+FLOAT32_REORDER_RTOL = 64 * 16 * torch.finfo(torch.float32).eps
+
+
+def assert_float32_close(got: torch.Tensor, expected: torch.Tensor, msg=None) -> None:
+    """``got`` equals ``expected`` up to float32 reordering: FLOAT32_REORDER_RTOL of ``expected``'s largest value."""
+    torch.testing.assert_close(got, expected, rtol=0.0, atol=FLOAT32_REORDER_RTOL * expected.abs().max().item(),
+                               msg=msg)
+
 
 def model_output(model, inputs) -> torch.Tensor:
     return model(inputs).logits

@@ -71,3 +71,21 @@ def test_train_step_replot_redraws_from_the_json(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| dual | 10 | 1.200 s | 1.20x | 80 MiB | 0.80x |" in (tmp_path / "train_step_tiny_fp32.md").read_text()
     assert (tmp_path / "train_step_tiny_fp32.png").stat().st_size > 0
+
+
+def test_ste_magnitudes_records_what_each_estimator_acts_on(tiny_checkpoints, bigbench_env, tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ste_magnitudes.py"), "--model", str(tiny_checkpoints["bert"]),
+           "--task", "sentiment", "--lr", "1e-2", "--rank", "4", "--max-steps", "3", "--warmup-steps", "1",
+           "--batch-size", "4", "--max-length", "16", "--max-eval-examples", "8", "--work-dir", str(tmp_path / "runs"),
+           "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "ste_magnitudes.json").read_text())
+    steps = payload["runs"][0]["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert steps[0]["max_grad"] == 0.0  # lam_0 = 0: no gradient reaches Sign before the first update
+    assert all(s["max_grad"] > 0 and s["max_q"] > 0 for s in steps[1:])
+    for s in steps:  # the fp16 threshold (2^-16) is below clip's (1): it acts on at least as many elements
+        assert 0 <= s["clip_fraction"] <= s["clip_fp16_fraction"] <= 1 and 0 <= s["hardtanh_fraction"] <= 1
+    assert "| lr | max abs g | max abs Q |" in (tmp_path / "ste_magnitudes.md").read_text()
+    assert (tmp_path / "ste_magnitudes.png").stat().st_size > 0

@@ -9,6 +9,8 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from conftest import assert_float32_close
+
 from duallora.cli import main
 from duallora.train import RunConfig, train
 
@@ -70,7 +72,7 @@ torch.save(out, {str(tmp_path / 'out.pt')!r})
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (torch.load(tmp_path / "out.pt") - expected).abs().max() <= 1e-5
+    assert_float32_close(torch.load(tmp_path / "out.pt"), expected)
 
 
 def test_inspect_shows_full_rank_updates(trained_run, tmp_path):
