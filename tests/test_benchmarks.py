@@ -89,3 +89,51 @@ def test_ste_magnitudes_records_what_each_estimator_acts_on(tiny_checkpoints, bi
         assert 0 <= s["clip_fraction"] <= s["clip_fp16_fraction"] <= 1 and 0 <= s["hardtanh_fraction"] <= 1
     assert "| lr | max abs g | max abs Q |" in (tmp_path / "ste_magnitudes.md").read_text()
     assert (tmp_path / "ste_magnitudes.png").stat().st_size > 0
+
+
+def test_gpu_check_dry_run_writes_the_record(tmp_path):
+    """The GPU side's one script and the command's own code paths, on the CPU at toy sizes (a GPU run differs only in
+    sizes and device): duallora from src/, nothing installed, as on the GPU machine."""
+    import os
+
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "GPU_CHECK_FLAGS": "--dry-run",
+           "BUDGET_S": "120"}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "duallora 0.1.0 with peft" in result.stdout and (tmp_path / "gpu_check.log").exists()
+    payload = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert payload["dry_run"] and payload["environment"]["torch"] and not payload["skipped"]
+    checks = payload["checks"]
+    assert {(c["method"], c["precision"]) for c in checks} == {(m, p) for m in ("dual", "d2")
+                                                              for p in ("fp32", "bf16", "fp16")}
+    assert all(c["holds"] for c in checks) and all(0 < c["bound"] < 1 for c in checks)
+    kinds = {c["what"].split(":")[0] for c in checks}
+    assert kinds == {"compiled vs eager", "memory-efficient vs plain autograd", "merged vs unmerged output"}
+    methods = {r["method"] for r in payload["step_results"]}
+    assert methods == {"full", "lora", "lora-2r", "dora", "hira", "dual", "dual-bf16-grad", "d2"}
+    assert all(r["step_seconds"] > 0 and r["peak_mib"] > 0 for r in payload["step_results"])
+    assert {r["checkpointing"] for r in payload["step_results"]} == {False, True}
+    targets = {t["target"] for t in payload["targets"]}
+    assert {"dual step time <= 1.3x lora", "dual peak memory <= 1x lora", "d2 step time <= 1x hira",
+            "compiled equals eager within bf16 tolerance"} <= targets
+    assert all("why" in t for t in payload["targets"] if not t["holds"] and t["case"] != "one layer")
+    assert payload["profile"]["dual"] and payload["profile"]["lora"]
+    text = (tmp_path / "gpu_check.md").read_text()
+    for heading in ("## Correctness", "## Training step (bf16)", "## Targets", "## Where the time goes: dual"):
+        assert heading in text
+
+
+def test_gpu_check_records_a_failed_check_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+    from gpu_correctness import Check
+
+    failing = Check("dual", "bf16", "compiled vs eager: grad C", difference=0.5, bound=0.1).as_dict()
+    monkeypatch.setattr(gpu_check, "run_checks", lambda sizes, device, deadline: ([failing], []))
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "0"]) == 1
+    assert "FAILED dual bf16 compiled vs eager: grad C: 0.5 > bound 0.1" in capsys.readouterr().out
+    payload = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert payload["checks"] == [failing] and "profile" in payload["skipped"]
+    assert "| dual | bf16 | compiled vs eager: gradients | 5.00e-01 | 1.00e-01 | **no** |" in \
+        (tmp_path / "gpu_check.md").read_text()

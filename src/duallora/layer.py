@@ -181,18 +181,22 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
                 f"Training several active adapters {active} at once with lora_dropout > 0 is not supported: "
                 "set lora_dropout=0 or activate a single adapter."
             )
-        weight = w0
-        for name in active:
-            weight = self.adapted_weight(name, weight)
+        with torch.autocast(x.device.type, enabled=False):  # the factors' precision, as the fused path's
+            weight = w0
+            for name in active:
+                weight = self.adapted_weight(name, weight)
         dtype = autocast_dtype(x)
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
     def _adapter_linear(self, name, x, w0, bias, with_base: bool) -> torch.Tensor:
         if self.memory_efficient[name]:
             return self.fused_linear(name, x, w0, bias, with_base)
-        weight = self.adapted_weight(name, w0)
-        if not with_base:
-            weight = weight - w0.to(weight.dtype)
+        # the weight in the factors' precision, as the fused path builds it: under bf16 autocast, B A and D C in bf16
+        # would flip Sign(D C) wherever |D C| is below bf16's resolution, a change of 2 |dW| there, not a rounding
+        with torch.autocast(x.device.type, enabled=False):
+            weight = self.adapted_weight(name, w0)
+            if not with_base:
+                weight = weight - w0.to(weight.dtype)
         dtype = autocast_dtype(x)
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
