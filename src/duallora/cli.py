@@ -8,6 +8,7 @@ command line win over the file.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -237,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the command line needs beyond the library (the `cli` extra of pyproject.toml), by import name.
+CLI_MODULES = {"accelerate": "accelerate", "tqdm": "tqdm", "matplotlib": "matplotlib", "yaml": "pyyaml",
+               "sacrebleu": "sacrebleu", "rouge_score": "rouge-score", "gguf": "gguf"}
+
+
+def missing_cli_packages() -> list[str]:
+    """The packages of the `cli` extra that are not installed."""
+    return [package for module, package in CLI_MODULES.items() if importlib.util.find_spec(module) is None]
+
+
 def quiet_libraries() -> None:
     """Keep the terminal for progress and results: transformers' load reports (a new classification head is
     expected here) and known deprecation notices of the libraries below are not the user's business."""
@@ -249,6 +260,12 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_cli_packages()
+    if missing:  # the library alone was installed: say once what the command line needs
+        print(f"duallora: the command line needs the `cli` extra, and {', '.join(missing)} "
+              f"{'is' if len(missing) == 1 else 'are'} not installed. Install it with: pip install 'duallora[cli]' "
+              "(the library itself, `import duallora`, needs none of it).", file=sys.stderr)
+        return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
