@@ -88,7 +88,7 @@ def step(model, x: torch.Tensor, target: torch.Tensor, precision: str) -> tuple[
 
 def with_compile(enabled: bool, fn: Callable):
     """Run ``fn`` with duallora's fused kernels compiled (``enabled``) or eager."""
-    import duallora.fused as fused
+    import duallora.core.fused as fused
 
     before = fused._disabled
     fused._disabled = not enabled

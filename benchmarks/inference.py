@@ -23,7 +23,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench"
 def load(name: str):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from duallora.models import smollm2_path
+    from duallora.app.models import smollm2_path
 
     torch.manual_seed(0)
     if name == "smollm2":

@@ -93,7 +93,7 @@ def child(name: str, shape: str, args, measure: str) -> dict:
 
 
 def blocks(out_f: int, in_f: int, block_mib) -> int:
-    from duallora.functional import KernelOptions
+    from duallora.core.blocked import KernelOptions
 
     rows = KernelOptions(block_mib=block_mib).rows_per_block(out_f, in_f, 4)
     return -(-out_f // rows)

@@ -245,7 +245,7 @@ def block_rows(out_features: int, in_features: int, bound_bytes: int) -> int:
     """Rows of ``W`` (and of each out x in matrix) that the library builds at once: the most rows whose fp32 block
     ``rows * in * 4`` stays within the bound, ``clamp(bound // (4 in), 1, out)``; ``bound = 0`` means no blocking
     (all ``out`` rows). The library's own rule, called rather than restated, so that the two cannot drift apart."""
-    from duallora.functional import KernelOptions
+    from duallora.core.blocked import KernelOptions
 
     return KernelOptions(block_mib=bound_bytes / MIB if bound_bytes > 0 else None).rows_per_block(
         out_features, in_features, FP32)

@@ -26,8 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-import duallora.functional as functional  # noqa: E402
-from duallora.train import RunConfig, train  # noqa: E402
+import duallora.dual.maths as maths  # noqa: E402
+from duallora.app.train import RunConfig, train  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench"
 FP16_INITIAL_SCALE = 2.0**16  # torch.amp.GradScaler's init_scale
@@ -64,18 +64,18 @@ class Recorder:
 
 def measure(cfg: RunConfig) -> dict:
     recorder = Recorder()
-    original = functional.direction_backward
+    original = maths.direction_backward
 
     def observed(grad, q, name, ste):
         if name == "sign":
             recorder.observe(grad, q)
         return original(grad, q, name, ste)
 
-    functional.direction_backward = observed
+    maths.direction_backward = observed
     try:
         metrics = train(cfg, overwrite=True, on_step=lambda step, model: recorder.end_step(step))
     finally:
-        functional.direction_backward = original
+        maths.direction_backward = original
     steps = recorder.steps
     return {"lr": cfg.learning_rate, "steps": steps, "test": metrics["test"],
             "summary": {"max_grad": max(s["max_grad"] for s in steps), "max_q": max(s["max_q"] for s in steps),

@@ -93,7 +93,7 @@ def load_model(name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-    from duallora.models import minilm_path, smollm2_path
+    from duallora.app.models import minilm_path, smollm2_path
 
     if name == "smollm2":
         return AutoModelForCausalLM.from_pretrained(smollm2_path()), "CAUSAL_LM"
@@ -237,7 +237,7 @@ def main() -> None:
     import torch
 
     if args.model == "smollm2":
-        from duallora.models import smollm2_path
+        from duallora.app.models import smollm2_path
 
         smollm2_path()  # convert the GGUF once, outside the measured processes
     results = []

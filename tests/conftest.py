@@ -137,7 +137,7 @@ def tiny_bigbench(tmp_path_factory):
     import random
     import tarfile
 
-    from duallora.tasks.bigbench import BIGBENCH_TASKS, MEMBER_ROOT
+    from duallora.app.tasks.bigbench import BIGBENCH_TASKS, MEMBER_ROOT
 
     rng = random.Random(0)
     sentiments = ["negative", "positive", "neutral", "ambivalent"]

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from conftest import FLOAT32_REORDER_RTOL
 
-from duallora.cli import main
-from duallora.train import RunConfig, train
+from duallora.app.cli import main
+from duallora.app.train import RunConfig, train
 
 WORKERS = Path(__file__).parent / "workers"
 

@@ -7,7 +7,7 @@ from peft import PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from duallora import D2LoraConfig, DualLoraConfig
-from duallora.layer import AdaptedLayer
+from duallora.core.layer import AdaptedLayer
 
 
 def snapshot(model):

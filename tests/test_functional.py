@@ -5,19 +5,9 @@ import math
 import pytest
 import torch
 
-from duallora.functional import (
-    D2LoraLinearFunction,
-    DualLoraLinearFunction,
-    KernelOptions,
-    d2_unmerge,
-    d2_unit_scale,
-    d2_weight,
-    dual_delta_weight,
-    dual_warmup_coef,
-    row_blocks,
-    sign_pm1,
-    unit_norm,
-)
+from duallora.core.blocked import KernelOptions, row_blocks
+from duallora.d2.maths import d2_linear, d2_unit_scale, d2_unmerge, d2_weight, unit_norm
+from duallora.dual.maths import dual_delta_weight, dual_linear, dual_warmup_coef, sign_pm1
 
 torch.set_default_dtype(torch.float32)
 
@@ -127,7 +117,7 @@ def test_dual_backward_equals_reference_autograd(ste, mag, dirn, with_base):
     x, w0, bias, A, B, C, D = _dual_inputs()
     coef = torch.tensor(0.7, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (x, A, B, C, D)]
-    y = DualLoraLinearFunction.apply(leaves[0], w0, bias, *leaves[1:], coef, with_base, mag, dirn, ste)
+    y = dual_linear(leaves[0], w0, bias, *leaves[1:], coef, with_base, mag, dirn, ste)
     grad_out = torch.randn_like(y) * 3  # large enough that the clip STE clips some entries
     got = torch.autograd.grad(y, leaves, grad_out)
     ref_leaves = [t.clone().requires_grad_() for t in (x, A, B, C, D)]
@@ -145,7 +135,7 @@ def test_dual_clip_ste_actually_clips():
     grads = {}
     for ste in ("clip", "identity", "hardtanh"):
         Cg = C.clone().requires_grad_()
-        y = DualLoraLinearFunction.apply(x, w0, bias, A, B, Cg, D, coef, True, "relu", "sign", ste)
+        y = dual_linear(x, w0, bias, A, B, Cg, D, coef, True, "relu", "sign", ste)
         grads[ste] = torch.autograd.grad((y * 10).sum(), Cg)[0]
     assert not torch.allclose(grads["clip"], grads["identity"])
     assert not torch.allclose(grads["hardtanh"], grads["identity"])
@@ -154,7 +144,7 @@ def test_dual_clip_ste_actually_clips():
 def test_dual_gradcheck_magnitude_factors_and_input():
     x, w0, bias, A, B, C, D = _dual_inputs()
     coef = torch.tensor(0.9, dtype=torch.float64)
-    fn = lambda x_, A_, B_: DualLoraLinearFunction.apply(x_, w0, bias, A_, B_, C, D, coef, True,  # noqa: E731
+    fn = lambda x_, A_, B_: dual_linear(x_, w0, bias, A_, B_, C, D, coef, True,  # noqa: E731
                                                            "relu", "sign", "clip")
     assert torch.autograd.gradcheck(fn, [t.clone().requires_grad_() for t in (x, A, B)])
 
@@ -163,14 +153,14 @@ def test_dual_gradcheck_magnitude_factors_and_input():
 def test_dual_gradcheck_all_factors_smooth_activations(mag, dirn):
     x, w0, bias, A, B, C, D = _dual_inputs()
     coef = torch.tensor(0.9, dtype=torch.float64)
-    fn = lambda *t: DualLoraLinearFunction.apply(t[0], w0, bias, *t[1:], coef, True, mag, dirn, "clip")  # noqa: E731
+    fn = lambda *t: dual_linear(t[0], w0, bias, *t[1:], coef, True, mag, dirn, "clip")  # noqa: E731
     assert torch.autograd.gradcheck(fn, [t.clone().requires_grad_() for t in (x, A, B, C, D)])
 
 
 def test_dual_gradcheck_frozen_weight_and_bias_grads():
     x, w0, bias, A, B, C, D = _dual_inputs()
     coef = torch.tensor(0.9, dtype=torch.float64)
-    fn = lambda w0_, b_: DualLoraLinearFunction.apply(x, w0_, b_, A, B, C, D, coef, True,  # noqa: E731
+    fn = lambda w0_, b_: dual_linear(x, w0_, b_, A, B, C, D, coef, True,  # noqa: E731
                                                        "relu", "sign", "clip")
     assert torch.autograd.gradcheck(fn, [w0.clone().requires_grad_(), bias.clone().requires_grad_()])
 
@@ -189,7 +179,7 @@ def test_d2_gradcheck_through_the_norm(axis, with_base):
 
     def fn(x_, w0_, Ap_, Bp_, An_, Bn_):
         n0 = unit_norm(w0_.detach(), axis)  # n(W0) is a constant of the layer
-        return D2LoraLinearFunction.apply(x_, w0_, bias, Ap_, Bp_, An_, Bn_, n0, 0.8, 0.5, axis, False, with_base)
+        return d2_linear(x_, w0_, bias, Ap_, Bp_, An_, Bn_, n0, 0.8, 0.5, axis, False, with_base)
 
     leaves = [t.clone().requires_grad_() for t in (x, w0, Ap, Bp, An, Bn)]
     # W0's true gradient would also flow through n(W0); the layer treats n(W0) as a constant, so check W0 by
@@ -203,7 +193,7 @@ def test_d2_backward_equals_reference_autograd(detach, axis):
     x, w0, bias, Ap, Bp, An, Bn = _d2_inputs(seed=3)
     n0 = unit_norm(w0, axis)
     leaves = [t.clone().requires_grad_() for t in (x, w0, bias, Ap, Bp, An, Bn)]
-    y = D2LoraLinearFunction.apply(leaves[0], leaves[1], leaves[2], *leaves[3:], n0, 0.8, 0.5, axis, detach, True)
+    y = d2_linear(leaves[0], leaves[1], leaves[2], *leaves[3:], n0, 0.8, 0.5, axis, detach, True)
     grad_out = torch.randn_like(y)
     got = torch.autograd.grad(y, leaves, grad_out)
     ref = [t.clone().requires_grad_() for t in (x, w0, bias, Ap, Bp, An, Bn)]
@@ -220,7 +210,7 @@ def test_d2_detach_norm_changes_the_gradient():
     grads = []
     for detach in (False, True):
         a = Ap.clone().requires_grad_()
-        y = D2LoraLinearFunction.apply(x, w0, bias, a, Bp, An, Bn, n0, 0.8, 0.5, "out", detach, True)
+        y = d2_linear(x, w0, bias, a, Bp, An, Bn, n0, 0.8, 0.5, "out", detach, True)
         grads.append(torch.autograd.grad(y.square().sum(), a)[0])
     assert not torch.allclose(*grads)
 
@@ -229,10 +219,10 @@ def test_d2_detach_norm_changes_the_gradient():
 def test_dual_function_under_bf16_autocast_matches_float32_closely():
     x, w0, bias, A, B, C, D = (t.float() for t in _dual_inputs(dtype=torch.float32))
     coef = torch.tensor(0.5)
-    y32 = DualLoraLinearFunction.apply(x, w0, bias, A, B, C, D, coef, True, "relu", "sign", "clip")
+    y32 = dual_linear(x, w0, bias, A, B, C, D, coef, True, "relu", "sign", "clip")
     Ab = A.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y16 = DualLoraLinearFunction.apply(x, w0, bias, Ab, B, C, D, coef, True, "relu", "sign", "clip")
+        y16 = dual_linear(x, w0, bias, Ab, B, C, D, coef, True, "relu", "sign", "clip")
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=5e-2)
     y16.float().sum().backward()
@@ -241,7 +231,7 @@ def test_dual_function_under_bf16_autocast_matches_float32_closely():
 
 # ----------------------------------------------------------------------------- fused elementwise kernels
 def test_fused_kernels_match_the_eager_maths():
-    from duallora.functional import _build_weight, _product_grads, dual_product_grads, dual_weight_from_products
+    from duallora.dual.maths import _build_weight, _product_grads, dual_product_grads, dual_weight_from_products
 
     g = torch.Generator().manual_seed(7)
     p, q, w0, grad = (torch.randn(33, 17, generator=g) for _ in range(4))
@@ -258,7 +248,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
     """A machine without a working C++ compiler: Inductor fails, the maths runs eagerly, once said."""
     import torch._inductor.config as inductor_config
 
-    import duallora.fused as fused_module
+    import duallora.core.fused as fused_module
 
     monkeypatch.setattr(fused_module, "_disabled", False)
     cube = fused_module.fused(lambda t: t * t * t + 0.25)
@@ -272,7 +262,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
 def test_out_of_memory_reaches_the_caller_and_fusion_stays_on(monkeypatch):
     """Only compiler failures fall back: an out-of-memory error (before: it turned fusion off for the process)
     is the caller's to handle, and the next call is compiled again."""
-    import duallora.fused as fused_module
+    import duallora.core.fused as fused_module
 
     calls = []
 
@@ -296,7 +286,7 @@ def test_out_of_memory_reaches_the_caller_and_fusion_stays_on(monkeypatch):
 def test_bad_inputs_raise_their_own_error_and_fusion_stays_on(monkeypatch):
     """Shapes that do not broadcast fail in the compiler's tracing first; the error is the inputs', not the
     compiler's, so the eager error reaches the caller and fusion stays on."""
-    import duallora.fused as fused_module
+    import duallora.core.fused as fused_module
 
     monkeypatch.setattr(fused_module, "_disabled", False)
     add = fused_module.fused(lambda a, b: a + b)
@@ -308,7 +298,7 @@ def test_bad_inputs_raise_their_own_error_and_fusion_stays_on(monkeypatch):
 
 def test_non_finite_logits_are_not_hidden_by_the_activations():
     """Sign(NaN) = -1, ReLU(-Inf) = 0 and tanh(Inf) = 1 would hide a broken factor behind finite outputs."""
-    from duallora.functional import direction, magnitude
+    from duallora.dual.maths import direction, magnitude
 
     q = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 2.0, -3.0])
     assert torch.equal(sign_pm1(q)[3:], torch.tensor([-1.0, 1.0, -1.0]))
@@ -318,7 +308,7 @@ def test_non_finite_logits_are_not_hidden_by_the_activations():
 
 
 def test_fused_kernels_keep_non_finite_values():
-    from duallora.functional import _build_weight, _product_grads
+    from duallora.dual.maths import _build_weight, _product_grads
 
     p, q, w0 = (torch.randn(9, 7, generator=torch.Generator().manual_seed(3)) for _ in range(3))
     q[2, 3], p[4, 1] = float("nan"), -float("inf")
@@ -336,11 +326,11 @@ def test_functions_are_right_for_a_transposed_base_weight(axis):
     x = torch.randn(2, 5, 48, generator=g)
     Ap, Bp, An, Bn = (torch.randn(*s, generator=g) * 0.1 for s in ((32, 4), (4, 48), (32, 4), (4, 48)))
     n0 = unit_norm(w0, axis)
-    y = D2LoraLinearFunction.apply(x, w0, None, Ap, Bp, An, Bn, n0, 2.0, 0.5, axis, False, True)
+    y = d2_linear(x, w0, None, Ap, Bp, An, Bn, n0, 2.0, 0.5, axis, False, True)
     torch.testing.assert_close(y, reference_d2_linear(x, w0, None, Ap, Bp, An, Bn, 2.0, 0.5, axis, False))
     A, B, C, D = (torch.randn(*s, generator=g) * 0.3 for s in ((3, 48), (32, 3), (3, 48), (32, 3)))
     coef = torch.tensor(0.6)
-    y = DualLoraLinearFunction.apply(x, w0, None, A, B, C, D, coef, True, "relu", "sign", "clip")
+    y = dual_linear(x, w0, None, A, B, C, D, coef, True, "relu", "sign", "clip")
     torch.testing.assert_close(y, reference_dual_linear(x, w0, None, A, B, C, D, coef, "relu", "sign", "clip"))
 
 
@@ -361,7 +351,7 @@ def _blocked_and_whole(function, leaves, args_before, args_after, rows, grad_see
     results = []
     for kernel in (KernelOptions(block_mib=rows * leaves[1].shape[1] * 8 / 2**20), KernelOptions(block_mib=None)):
         ls = [t.clone().requires_grad_() for t in leaves]
-        y = function.apply(*ls[:3], *args_before(ls), *args_after, kernel)
+        y = function(*ls[:3], *args_before(ls), *args_after, kernel=kernel)
         grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=y.dtype) * 3
         results.append((y, torch.autograd.grad(y, ls, grad_out, allow_unused=True)))
     return results
@@ -373,7 +363,7 @@ def test_dual_row_blocks_give_the_whole_matrix_results(rows, with_base):
     x, w0, bias, A, B, C, D = _dual_inputs()
     coef = torch.tensor(0.7, dtype=torch.float64)
     (y, grads), (y_ref, grads_ref) = _blocked_and_whole(
-        DualLoraLinearFunction, [x, w0, bias, A, B, C, D], lambda ls: ls[3:], (coef, with_base, "relu", "sign",
+        dual_linear, [x, w0, bias, A, B, C, D], lambda ls: ls[3:], (coef, with_base, "relu", "sign",
                                                                                 "clip"), rows)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for name, g, e in zip(["x", "w0", "bias", "A", "B", "C", "D"], grads, grads_ref):
@@ -389,7 +379,7 @@ def test_d2_row_blocks_give_the_whole_matrix_results(rows, detach):
     x, w0, bias, Ap, Bp, An, Bn = _d2_inputs(seed=3)
     n0 = unit_norm(w0, "out")
     (y, grads), (y_ref, grads_ref) = _blocked_and_whole(
-        D2LoraLinearFunction, [x, w0, bias, Ap, Bp, An, Bn], lambda ls: ls[3:], (n0, 0.8, 0.5, "out", detach, True),
+        d2_linear, [x, w0, bias, Ap, Bp, An, Bn], lambda ls: ls[3:], (n0, 0.8, 0.5, "out", detach, True),
         rows)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for name, g, e in zip(["x", "w0", "bias", "A_pos", "B_pos", "A_neg", "B_neg"], grads, grads_ref):
@@ -404,11 +394,11 @@ def test_row_blocks_are_right_for_a_transposed_base_weight_and_a_column_norm():
     A, B, C, D = (torch.randn(*s, generator=g, dtype=torch.float64) * 0.3 for s in ((3, 48), (32, 3), (3, 48), (32, 3)))
     coef = torch.tensor(0.6, dtype=torch.float64)
     small = KernelOptions(block_mib=5 * 48 * 8 / 2**20)  # 5 rows per block
-    y = DualLoraLinearFunction.apply(x, w0, None, A, B, C, D, coef, True, "relu", "sign", "clip", small)
+    y = dual_linear(x, w0, None, A, B, C, D, coef, True, "relu", "sign", "clip", small)
     torch.testing.assert_close(y, reference_dual_linear(x, w0, None, A, B, C, D, coef, "relu", "sign", "clip"))
     Ap, Bp, An, Bn = (torch.randn(*s, generator=g, dtype=torch.float64) * 0.1
                       for s in ((32, 4), (4, 48), (32, 4), (4, 48)))
     for axis in ("out", "in"):
-        y = D2LoraLinearFunction.apply(x, w0, None, Ap, Bp, An, Bn, unit_norm(w0, axis), 2.0, 0.5, axis, False, True,
+        y = d2_linear(x, w0, None, Ap, Bp, An, Bn, unit_norm(w0, axis), 2.0, 0.5, axis, False, True,
                                        small)
         torch.testing.assert_close(y, reference_d2_linear(x, w0, None, Ap, Bp, An, Bn, 2.0, 0.5, axis, False))

@@ -7,7 +7,7 @@ from conftest import MODELS, tiny_bert, tiny_llama
 from peft import LoraConfig, get_peft_model
 
 from duallora import D2LoraConfig, DualLoraConfig, set_warmup_step, warmup_steps_taken
-from duallora.layer import AdaptedLayer
+from duallora.core.layer import AdaptedLayer
 
 CONFIGS = {"dual": lambda **kw: DualLoraConfig(r=4, target_modules="all-linear", **{"warmup_steps": 0, **kw}),
            "d2": lambda **kw: D2LoraConfig(r=4, target_modules="all-linear", **kw)}

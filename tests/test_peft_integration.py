@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from duallora import D2LoraConfig, DualLoraConfig, set_warmup_step, warmup_steps_taken
-from duallora.layer import AdaptedLayer
+from duallora.core.layer import AdaptedLayer
 
 METHODS = {
     "dual": lambda **kw: DualLoraConfig(**{"warmup_steps": 0, **kw}),
@@ -346,7 +346,7 @@ def test_eval_cache_can_be_switched_off(method, inputs):
 
 
 def test_fingerprint_changes_with_any_single_value():
-    from duallora.watch import fingerprint
+    from duallora.core.watch import fingerprint
 
     w = torch.randn(64, 48, dtype=torch.bfloat16)
     reference = fingerprint([w])
@@ -556,7 +556,7 @@ def test_forward_and_backward_respect_the_block_bound(method, dtype, monkeypatch
     whole on every call). The bound is one block of float32 rows: the kernels' elementwise work runs in the factors'
     dtype or float32, whichever is wider (n(W0) is float32). Measured eagerly, every intermediate visible (fusion
     only removes some); a kernel compiled under the recording mode would also be reused after it."""
-    import duallora.fused as fused_module
+    import duallora.core.fused as fused_module
 
     monkeypatch.setattr(fused_module, "_disabled", True)
     out_features, in_features, rows = 256, 128, 32
@@ -586,7 +586,7 @@ def test_unload_returns_the_base_model_unchanged(inputs):
 def test_peft_version_guard(monkeypatch):
     import peft
 
-    from duallora._peft import check_peft_version
+    from duallora.core.registration import check_peft_version
 
     monkeypatch.setattr(peft, "__version__", "0.17.1")
     with pytest.raises(ImportError, match=r"duallora needs peft >= 0.21.0, found peft 0.17.1.*pip install"):
@@ -670,7 +670,7 @@ def test_clip_ste_under_float16_warns_once_that_it_sees_scaled_gradients(inputs,
     scale. The layer cannot see the scale, so it says so, once; bf16 (no loss scaling) and the other STEs are quiet."""
     import warnings
 
-    import duallora.dual as dual_module
+    import duallora.dual.layer as dual_module
 
     monkeypatch.setattr(dual_module, "_clip_warned", False)
     runs = {}

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from duallora import suite
-from duallora.cli import main
-from duallora.train import train
+from duallora.app import suite
+from duallora.app.cli import main
+from duallora.app.train import train
 
 
 def base_options(tiny_checkpoints, tiny_csv, **extra):

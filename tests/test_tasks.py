@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import sentiment_rows
 
-from duallora.tasks import deterministic_split, load_task, Example
-from duallora.tasks.bigbench import BIGBENCH_TASKS
+from duallora.app.tasks import deterministic_split, load_task, Example
+from duallora.app.tasks.bigbench import BIGBENCH_TASKS
 
 
 def test_every_bigbench_task_loads_from_the_archive_layout(bigbench_env):

@@ -10,7 +10,7 @@ from conftest import model_output, tiny_bert, tiny_llama
 from peft import PeftModel, get_peft_model
 
 from duallora import DualLoraConfig, set_warmup_step, warmup_steps_taken
-from duallora.warmup import FrozenWarmupWarning, frozen_clock_passes
+from duallora.dual.warmup import FrozenWarmupWarning, frozen_clock_passes
 
 
 def dual(model=None, warmup_steps=2, **kw):

@@ -2,16 +2,22 @@
 
 ``import duallora`` registers both methods with peft; then ``get_peft_model``, ``PeftModel.from_pretrained``,
 ``merge_and_unload`` and the rest of peft work with :class:`DualLoraConfig` and :class:`D2LoraConfig`.
+
+Layout: ``dual/`` and ``d2/`` hold each method (config, layer, maths, tuner), ``core/`` what both share, ``app/`` the
+command line and the evidence (the ``cli`` extra; nothing here imports it).
 """
 
-from ._peft import check_peft_version, register
+from .core.registration import check_peft_version, register
 
 check_peft_version()
 
-from .d2 import D2LoraConfig, D2LoraLayer  # noqa: E402
-from .dual import DualLoraConfig, DualLoraLayer  # noqa: E402
-from .tuner import D2LoraModel, DualLoraModel  # noqa: E402
-from .warmup import set_warmup_step, warmup_steps_taken  # noqa: E402
+from .d2.config import D2LoraConfig  # noqa: E402
+from .d2.layer import D2LoraLayer  # noqa: E402
+from .d2.model import D2LoraModel  # noqa: E402
+from .dual.config import DualLoraConfig  # noqa: E402
+from .dual.layer import DualLoraLayer  # noqa: E402
+from .dual.model import DualLoraModel  # noqa: E402
+from .dual.warmup import set_warmup_step, warmup_steps_taken  # noqa: E402
 
 register("dual_lora", DualLoraConfig, DualLoraModel)
 register("d2_lora", D2LoraConfig, D2LoraModel)

@@ -1,4 +1,4 @@
-"""Run under torchrun: `duallora.train.train` with a check after every optimizer step that every process holds the
+"""Run under torchrun: `duallora.app.train.train` with a check after every optimizer step that every process holds the
 same trainable weights. Writes the largest difference seen per step to the JSON file named by argv[2], and the
 gradients the optimizer was handed at every step (after DDP averaged them) to the file named by argv[3].
 
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from duallora.train import RunConfig, train
+from duallora.app.train import RunConfig, train
 
 
 def record_gradients(steps: list) -> object:

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, Shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from duallora import D2LoraConfig, DualLoraConfig
-from duallora.layer import AdaptedLayer
+from duallora.core.layer import AdaptedLayer
 
 CONFIGS = {"dual": lambda: DualLoraConfig(r=4, target_modules="all-linear", warmup_steps=2),
            "d2": lambda: D2LoraConfig(r=2, target_modules="all-linear")}

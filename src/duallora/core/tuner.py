@@ -25,8 +25,6 @@ from peft.tuners.tuners_utils import _ExcludedModule
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .d2 import D2LoraLayer
-from .dual import DualLoraLayer
 from .layer import SUPPORTED_LAYER_TYPES, AdaptedLayer, Conv1D, is_adaptable, unsupported_layer_error
 
 _PEFT_KEY_PREFIX = "base_model.model."
@@ -117,20 +115,6 @@ class AdaptedWeightTuner(BaseTuner):
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
-
-
-class DualLoraModel(AdaptedWeightTuner):
-    """Dual LoRA tuner (use through ``peft.get_peft_model(model, DualLoraConfig(...))``)."""
-
-    prefix = "dual_lora_"
-    tuner_layer_cls = DualLoraLayer
-
-
-class D2LoraModel(AdaptedWeightTuner):
-    """D2-LoRA tuner (use through ``peft.get_peft_model(model, D2LoraConfig(...))``)."""
-
-    prefix = "d2_lora_"
-    tuner_layer_cls = D2LoraLayer
 
 
 def adaptable_module_names(model: nn.Module) -> list[str]:

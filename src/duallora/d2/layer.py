@@ -13,45 +13,15 @@ Two rank-r branches hold 2x LoRA's parameters at r: compare it with LoRA at 2r.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ._peft import ensure_peft_type
-from .config import WeightAdapterConfig, check_choice, check_range
-from .functional import (
-    NORM_AXES,
-    D2LoraLinearFunction,
-    d2_delta_weight,
-    d2_unit_scale,
-    d2_unmerge,
-    d2_weight,
-    d2_weight_rows,
-    frozen_unit_norm,
-    weight_blocks,
-)
-from .layer import AdaptedLayer
-
-
-@dataclass
-class D2LoraConfig(WeightAdapterConfig):
-    """Configuration of a D2-LoRA adapter: PEFT's usual fields plus the method's own (METHODS.md)."""
-
-    tau: float = field(default=0.5, metadata={"help": "Fixed weight of the negative branch (>= 0; paper: 0.5)."})
-    norm_axis: str = field(
-        default="out",
-        metadata={"help": "'out': the norm of each output unit's weights (as PEFT's DoRA); 'in': of each input column."},
-    )
-    detach_norm: bool = field(
-        default=False, metadata={"help": "Stop the gradient through n(W0 + dW) (DoRA's choice: less memory)."}
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.peft_type = ensure_peft_type("d2_lora")
-        check_range("tau", self.tau, ">= 0", isinstance(self.tau, (int, float)) and self.tau >= 0)
-        check_choice("norm_axis", self.norm_axis, NORM_AXES)
+from ..core.blocked import weight_blocks
+from ..core.layer import AdaptedLayer
+from .config import D2LoraConfig
+from .maths import d2_delta_weight, d2_linear, d2_unit_scale, d2_unmerge, d2_weight, d2_weight_rows, frozen_unit_norm
 
 
 @dataclass(frozen=True)
@@ -111,10 +81,8 @@ class D2LoraLayer(AdaptedLayer):
 
     def fused_linear(self, adapter_name, x, w0, bias, with_base: bool) -> torch.Tensor:
         opts = self.d2_options[adapter_name]
-        return D2LoraLinearFunction.apply(
-            x, w0, bias, *self.factors(adapter_name), self._input_norm(adapter_name, w0),
-            opts.scaling, opts.tau, opts.norm_axis, opts.detach_norm, with_base, self.kernel_options[adapter_name],
-        )
+        return d2_linear(x, w0, bias, *self.factors(adapter_name), self._input_norm(adapter_name, w0), opts.scaling,
+                         opts.tau, opts.norm_axis, opts.detach_norm, with_base, self.kernel_options[adapter_name])
 
     def weight_rows(self, adapter_name: str, w0: torch.Tensor, factors):
         opts = self.d2_options[adapter_name]

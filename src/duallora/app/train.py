@@ -124,7 +124,7 @@ def adapter_config(cfg: RunConfig, task_kind: str):
     """The PEFT config of the run's method (None for full fine-tuning)."""
     from peft import LoraConfig
 
-    from . import D2LoraConfig, DualLoraConfig
+    from .. import D2LoraConfig, DualLoraConfig
 
     task_type = "SEQ_CLS" if task_kind == "classification" else "CAUSAL_LM"
     alpha = cfg.alpha if cfg.alpha is not None else 2 * cfg.r
@@ -302,7 +302,7 @@ def environment() -> dict:
     import peft
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,

@@ -1,6 +1,6 @@
 """The adapted layer shared by both methods: a Linear or Conv1D whose weight becomes ``f(W0, factors)``.
 
-A method subclass (``dual.py``, ``d2.py``) says which factors an adapter has, how they start, and which
+A method subclass (``dual/layer.py``, ``d2/layer.py``) says which factors an adapter has, how they start, and which
 functional builds the weight; everything else lives here once: orientation of the base weight (Linear stores
 ``(out, in)``, GPT-2's Conv1D ``(in, out)``), forward, dropout, merge and unmerge (safe or not), the eval cache.
 
@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .functional import KernelOptions, autocast_dtype, blocked_weight
+from .blocked import KernelOptions, autocast_dtype, blocked_weight
 from .watch import fingerprint, is_sharded
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .dual import DualLoraLayer
-from .functional import direction, magnitude
-from .layer import AdaptedLayer
+from ..dual.layer import DualLoraLayer
+from ..dual.maths import direction, magnitude
+from ..core.layer import AdaptedLayer
 
 
 def numerical_rank(matrix: torch.Tensor) -> int:

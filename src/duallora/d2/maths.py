@@ -1,0 +1,188 @@
+"""The maths of D2-LoRA, as pure functions (arXiv 2602.14728, Eq. 1-3). Shapes follow PyTorch: ``W0`` is
+``(out, in)``, a layer computes ``y = x W^T + b``::
+
+    dW    = scale * (A_pos @ B_pos - tau * A_neg @ B_neg)      scale = lora_alpha / r
+    W'    = W0 + dW
+    W*    = W' * n(W0) / n(W')                                  n = L2 norm per output unit (or per input column)
+    W_hat = W* + dW
+
+Every function here is used by the layer (forward and merge) and by the tests, so there is one truth.
+:class:`D2Rows` is the row rule of the shared memory-efficient linear (:mod:`duallora.core.blocked`); its backward
+takes the gradient through the norm projection with :func:`d2_product_grads`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.blocked import DEFAULT_KERNEL, BlockedAdapterLinear, KernelOptions, RowRule, dense
+from ..core.fused import fused
+
+NORM_AXES = ("out", "in")
+
+# Guards 0/0 when a unit of W' has zero norm (a pruned row): that unit's W* is then 0 instead of NaN.
+_NORM_EPS = 1e-12
+
+
+def unit_norm(w: torch.Tensor, axis: str) -> torch.Tensor:
+    """``n(W)``: L2 norm of each output unit (``axis="out"``: over ``in``, shape ``(out, 1)``, as PEFT's
+    DoRA) or of each input column (``axis="in"``: over ``out``, shape ``(1, in)``)."""
+    if axis == "out":
+        return torch.linalg.vector_norm(w, dim=1, keepdim=True)
+    if axis == "in":
+        return torch.linalg.vector_norm(w, dim=0, keepdim=True)
+    raise ValueError(f"unknown norm axis {axis!r}; valid: {NORM_AXES}")
+
+
+def frozen_unit_norm(w0: torch.Tensor, axis: str, blocks: list[slice]) -> torch.Tensor:
+    """``n(W0)`` in float32, without gradient, reading ``W0`` one row block at a time: a bf16 ``W0`` is never copied
+    to float32 whole, so the ``block_mib`` bound holds here too. ``axis="in"`` sums each block's squares."""
+    with torch.no_grad():
+        if axis == "out":
+            return torch.cat([unit_norm(w0[s].float(), "out") for s in blocks])
+        if axis == "in":
+            squares = sum(w0[s].float().square().sum(0, keepdim=True) for s in blocks)
+            return squares.sqrt()
+    raise ValueError(f"unknown norm axis {axis!r}; valid: {NORM_AXES}")
+
+
+def d2_delta_from_products(pos: torch.Tensor, neg: torch.Tensor, scale: float, tau: float) -> torch.Tensor:
+    """D2-LoRA signed two-branch update ``dW = scale * (pos - tau * neg)`` from ``pos = A_pos B_pos``,
+    ``neg = A_neg B_neg`` (paper Eq. 1)."""
+    return scale * (pos - tau * neg)
+
+
+def d2_delta_weight(
+    A_pos: torch.Tensor, B_pos: torch.Tensor, A_neg: torch.Tensor, B_neg: torch.Tensor, scale: float, tau: float
+) -> torch.Tensor:
+    """D2-LoRA signed two-branch update ``dW = scale * (A_pos B_pos - tau * A_neg B_neg)`` (paper Eq. 1)."""
+    return d2_delta_from_products(A_pos @ B_pos, A_neg @ B_neg, scale, tau)
+
+
+def d2_unit_scale(
+    w_prime: torch.Tensor, w0_norm: torch.Tensor, norm_axis: str = "out", detach_norm: bool = False
+) -> torch.Tensor:
+    """``k = n(W0) / n(W')``, the per-unit factor that takes each unit of ``W'`` back to its original norm."""
+    norm = unit_norm(w_prime, norm_axis)
+    if detach_norm:
+        norm = norm.detach()  # DoRA's choice (DoRA paper Sec. 4.3): no gradient through the norm, less memory
+    return w0_norm / norm.clamp_min(_NORM_EPS)
+
+
+def d2_weight(
+    w0: torch.Tensor,
+    A_pos: torch.Tensor,
+    B_pos: torch.Tensor,
+    A_neg: torch.Tensor,
+    B_neg: torch.Tensor,
+    scale: float,
+    tau: float,
+    w0_norm: torch.Tensor,
+    norm_axis: str = "out",
+    detach_norm: bool = False,
+) -> torch.Tensor:
+    """``W_hat = (W0 + dW) * n(W0) / n(W0 + dW) + dW`` (paper Eq. 2-3). Differentiable (the reference path)."""
+    return d2_weight_from_products(A_pos @ B_pos, A_neg @ B_neg, w0, w0_norm, scale, tau, norm_axis, detach_norm)
+
+
+def d2_weight_from_products(pos: torch.Tensor, neg: torch.Tensor, w0: torch.Tensor, w0_norm: torch.Tensor,
+                            scale: float, tau: float, norm_axis: str = "out", detach_norm: bool = False,
+                            with_base: bool = True) -> torch.Tensor:
+    """``W_hat`` (or ``W_hat - W0``) from the two branch products."""
+    dw = d2_delta_from_products(pos, neg, scale, tau)
+    w_prime = w0 + dw
+    w_hat = w_prime * d2_unit_scale(w_prime, w0_norm, norm_axis, detach_norm) + dw
+    return w_hat if with_base else w_hat - w0
+
+
+def d2_product_grads(g: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, w0: torch.Tensor, w0_norm: torch.Tensor,
+                     scale: float, tau: float, norm_axis: str, detach_norm: bool):
+    """``(dL/d dW, dL/dW')`` given ``G = dL/dW_hat``, with ``k = n(W0)/n(W')``::
+
+        dL/dW' = k * (G - <G, W'>_unit / n(W')^2 * W')      (k * G with detach_norm)
+        dL/ddW = G + dL/dW'
+    """
+    w_prime = w0 + d2_delta_from_products(pos, neg, scale, tau)
+    k = d2_unit_scale(w_prime, w0_norm, norm_axis)
+    if detach_norm:
+        g_prime = g * k
+    else:
+        dim = 1 if norm_axis == "out" else 0
+        radial = (g * w_prime).sum(dim=dim, keepdim=True) / unit_norm(w_prime, norm_axis).square().clamp_min(_NORM_EPS)
+        g_prime = (g - radial * w_prime) * k
+    return g + g_prime, g_prime
+
+
+def d2_unmerge(
+    w_hat: torch.Tensor, dw: torch.Tensor, unit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Invert ``W_hat = (W0 + dW) * k + dW`` for ``W0``, with ``k = n(W0)/n(W')`` cached at merge time.
+
+    ``k = 0`` only where ``n(W0) = 0``: that unit of ``W0`` was all zeros, and is restored as zeros (not 0/0)."""
+    return torch.where(unit_scale > 0, (w_hat - dw) / unit_scale - dw, 0.0)
+
+
+_build_d2_weight = fused(d2_weight_from_products)
+_d2_product_grads = fused(d2_product_grads)
+
+
+@dataclass(frozen=True)
+class D2Rows(RowRule):
+    """D2-LoRA's row rule (``tensors`` = A_pos, B_pos, A_neg, B_neg, n(W0)). With ``norm_axis="out"`` each output
+    row is projected on its own; ``"in"`` normalises whole columns, so the matrix is one block."""
+
+    scale: float
+    tau: float
+    norm_axis: str = "out"
+    detach_norm: bool = False
+    with_base: bool = True
+
+    @property
+    def whole(self) -> bool:
+        return self.norm_axis == "in"
+
+    def block(self, s, w0, tensors):
+        A_pos, B_pos, A_neg, B_neg, w0_norm = tensors
+        norm = w0_norm[s] if self.norm_axis == "out" else w0_norm
+        return A_pos[s] @ B_pos, A_neg[s] @ B_neg, dense(w0[s], A_pos.dtype), norm
+
+    def rows(self, state):
+        pos, neg, w0_rows, norm = state
+        return _build_d2_weight(pos, neg, w0_rows, norm, self.scale, self.tau, self.norm_axis, self.detach_norm,
+                                self.with_base)
+
+    def gradient_buffers(self, tensors):
+        A_pos, B_pos, A_neg, B_neg, _ = tensors
+        return [torch.empty_like(A_pos), torch.zeros_like(B_pos), torch.empty_like(A_neg), torch.zeros_like(B_neg),
+                None]
+
+    def backward(self, s, g, state, tensors, grads):
+        A_pos, B_pos, A_neg, B_neg, _ = tensors
+        pos, neg, w0_rows, norm = state
+        grad_A_pos, grad_B_pos, grad_A_neg, grad_B_neg, _ = grads
+        g_dw, g_prime = _d2_product_grads(g, pos, neg, w0_rows, norm, self.scale, self.tau, self.norm_axis,
+                                          self.detach_norm)
+        w0_rows_grad = g_prime if self.with_base else g_prime - g  # y sees W0 through W' (and minus W0 itself)
+        g_dw = g_dw.to(A_pos.dtype)  # n(W0) is float32 even for bf16 factors: back to the factors' dtype
+        grad_A_pos[s] = self.scale * (g_dw @ B_pos.t())
+        grad_A_neg[s] = (-self.scale * self.tau) * (g_dw @ B_neg.t())
+        grad_B_pos.addmm_(A_pos[s].t(), g_dw, alpha=self.scale)
+        grad_B_neg.addmm_(A_neg[s].t(), g_dw, alpha=-self.scale * self.tau)
+        return w0_rows_grad
+
+
+def d2_linear(x, w0, bias, A_pos, B_pos, A_neg, B_neg, w0_norm, scale: float, tau: float, norm_axis: str = "out",
+              detach_norm: bool = False, with_base: bool = True, kernel: KernelOptions = DEFAULT_KERNEL):
+    """``y = x W_hat^T + b`` (or ``x (W_hat - W0)^T`` without the base), memory-efficient: autograd keeps ``x`` and
+    the factors only, the ``out x in`` matrices are rebuilt in row blocks inside backward."""
+    rule = D2Rows(scale, tau, norm_axis, detach_norm, with_base)
+    return BlockedAdapterLinear.apply(x, w0, bias, rule, kernel, A_pos, B_pos, A_neg, B_neg, w0_norm)
+
+
+def d2_weight_rows(s: slice, w0, A_pos, B_pos, A_neg, B_neg, w0_norm, scale: float, tau: float, norm_axis: str,
+                   detach_norm: bool, with_base: bool = True) -> torch.Tensor:
+    """Rows ``s`` of ``W_hat`` (or of ``W_hat - W0``) in the factors' dtype."""
+    rule = D2Rows(scale, tau, norm_axis, detach_norm, with_base)
+    return rule.rows(rule.block(s, w0, (A_pos, B_pos, A_neg, B_neg, w0_norm)))
