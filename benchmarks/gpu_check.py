@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from gpu_correctness import run_checks
-from gpu_speed import METHODS, MODELS, StepCase, measure, profile_layer
+from gpu_speed import METHODS, MODELS, StepCase, measure, profile_layer, release
 from gpu_report import markdown, targets
 
 GPU_PLAN = {"correctness": {"out_features": 14336, "in_features": 4096, "tokens": 2048},
@@ -97,12 +97,13 @@ def run(plan: dict, device: str, budget_s: float, steps: int, methods: list[str]
                 continue
             try:
                 steps_measured.append(measure(case, method, device, steps))
+                release(device)
                 r = steps_measured[-1]
                 print(f"{case.label:28s} {method:15s} {r['step_seconds'] * 1e3:9.1f} ms {r['peak_mib']:9.0f} MiB",
                       flush=True)
             except torch.OutOfMemoryError as err:
                 steps_measured.append({"case": case.label, **case.__dict__, "method": method, "error": str(err)[:200]})
-                torch.cuda.empty_cache()
+                release(device)
     return {"checks": checks, "profile": profile, "step_results": steps_measured, "skipped": skipped,
             "seconds": time.monotonic() - started}
 

@@ -111,6 +111,7 @@ class StepCase:
 
 
 def measure(case: StepCase, method: str, device: str, steps: int) -> dict:
+    """One method's step time and peak memory on a fresh model (freed when this returns: see :func:`release`)."""
     model, optimizer, trainable = build(case.model, method, device, case.checkpointing)
     vocab = MODELS[case.model][5]
     ids = torch.randint(0, vocab, (case.batch, case.seq), generator=torch.Generator().manual_seed(0)).to(device)
@@ -132,12 +133,15 @@ def measure(case: StepCase, method: str, device: str, steps: int) -> dict:
             train_step()
             synchronize(device)
             times.append(time.perf_counter() - start)
-    del model, optimizer
+    return {"case": case.label, **case.__dict__, "method": method, "trainable_params": trainable,
+            "step_seconds": statistics.median(times), "all_step_seconds": times, "peak_mib": memory.peak_mib}
+
+
+def release(device: str) -> None:
+    """Give the memory of the last measurement back, so that the next one starts from the same floor."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    return {"case": case.label, **case.__dict__, "method": method, "trainable_params": trainable,
-            "step_seconds": statistics.median(times), "all_step_seconds": times, "peak_mib": memory.peak_mib}
 
 
 def profile_layer(model_name: str, tokens: int, device: str, top: int = 12) -> dict[str, list[dict]]:

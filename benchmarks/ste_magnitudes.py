@@ -27,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import duallora.dual.maths as maths  # noqa: E402
-from duallora.app.train import RunConfig, train  # noqa: E402
+from duallora.app.run_config import RunConfig  # noqa: E402
+from duallora.app.train import train  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench"
 FP16_INITIAL_SCALE = 2.0**16  # torch.amp.GradScaler's init_scale

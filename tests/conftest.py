@@ -17,6 +17,8 @@ from transformers import (  # noqa: E402
 )
 
 import duallora  # noqa: E402,F401  (registers the methods)
+from duallora import D2LoraConfig, DualLoraConfig  # noqa: E402
+from peft import get_peft_model  # noqa: E402
 
 
 def tiny_llama(seed: int = 0) -> torch.nn.Module:
@@ -54,6 +56,30 @@ def assert_float32_close(got: torch.Tensor, expected: torch.Tensor, msg=None) ->
     """``got`` equals ``expected`` up to float32 reordering: FLOAT32_REORDER_RTOL of ``expected``'s largest value."""
     torch.testing.assert_close(got, expected, rtol=0.0, atol=FLOAT32_REORDER_RTOL * expected.abs().max().item(),
                                msg=msg)
+
+
+# ----------------------------------------------------------------------------- adapted tiny models
+METHODS = {
+    "dual": lambda **kw: DualLoraConfig(**{"warmup_steps": 0, **kw}),
+    "d2": lambda **kw: D2LoraConfig(**kw),
+}
+
+
+def trained_like(model, std: float = 0.1):
+    """Give every factor random values so that dW != 0 (a fresh D2 adapter is exactly the base model)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_lora_" in name:
+                p.normal_(0, std)
+    return model
+
+
+def adapted(model_name, method, target="all-linear", **kw):
+    base = MODELS[model_name]()
+    config = METHODS[method](r=4, lora_alpha=8, target_modules=target, **kw)
+    if model_name == "bert":
+        config.modules_to_save = ["classifier"]
+    return trained_like(get_peft_model(base, config))
 
 
 def model_output(model, inputs) -> torch.Tensor:

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from conftest import assert_float32_close
 
 from duallora.app.cli import main
-from duallora.app.train import RunConfig, train
+from duallora.app.run_config import RunConfig
+from duallora.app.train import train
 
 
 def run_args(tiny_checkpoints, tiny_csv, out, *extra, model="bert"):
@@ -268,7 +269,7 @@ def test_resume_says_when_there_is_no_checkpoint(tiny_checkpoints, tiny_csv, tmp
 
 def test_collectives_get_tensors_on_the_accelerator_device():
     """NCCL rejects CPU tensors: the losses and costs are reduced on accelerator.device (a GPU there)."""
-    from duallora.app.train import reduce_across_processes
+    from duallora.app.process import reduce_across_processes
 
     class RecordingAccelerator:
         device = torch.device("meta")  # not the CPU: a tensor made on the CPU by mistake would show

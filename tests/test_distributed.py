@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from conftest import FLOAT32_REORDER_RTOL
 
 from duallora.app.cli import main
-from duallora.app.train import RunConfig, train
+from duallora.app.run_config import RunConfig
+from duallora.app.train import train
 
 WORKERS = Path(__file__).parent / "workers"
 

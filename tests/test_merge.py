@@ -3,7 +3,7 @@ safe on zero units and broken factors."""
 
 import pytest
 import torch
-from conftest import MODELS, tiny_bert, tiny_llama
+from conftest import MODELS, tiny_bert, tiny_llama, trained_like
 from peft import LoraConfig, get_peft_model
 
 from duallora import D2LoraConfig, DualLoraConfig, set_warmup_step, warmup_steps_taken
@@ -11,15 +11,6 @@ from duallora.core.layer import AdaptedLayer
 
 CONFIGS = {"dual": lambda **kw: DualLoraConfig(r=4, target_modules="all-linear", **{"warmup_steps": 0, **kw}),
            "d2": lambda **kw: D2LoraConfig(r=4, target_modules="all-linear", **kw)}
-
-
-def randomised(model, std=0.1):
-    """Every factor random (a fresh D2 adapter is exactly the base model, a fresh Dual one nearly)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "_lora_" in name:
-                p.normal_(0, std)
-    return model
 
 
 def layers(model) -> list[AdaptedLayer]:
@@ -66,7 +57,7 @@ def test_unmerge_restores_w0_after_a_step_while_merged():
 
 @pytest.mark.parametrize("method", ["dual", "d2"])
 def test_unmerge_subtracts_what_merge_added_whatever_changed_in_between(method):
-    model = randomised(get_peft_model(tiny_llama(), CONFIGS[method](**({"warmup_steps": 10} if method == "dual"
+    model = trained_like(get_peft_model(tiny_llama(), CONFIGS[method](**({"warmup_steps": 10} if method == "dual"
                                                                        else {}))), std=0.01)
     if method == "dual":
         set_warmup_step(model, 4)
@@ -87,7 +78,7 @@ def test_d2_unmerge_restores_an_all_zero_output_unit_exactly():
     target = base.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         target.weight[3].zero_()  # a pruned unit: n(W0) = 0 there
-    model = randomised(get_peft_model(base, CONFIGS["d2"]()), std=0.01)
+    model = trained_like(get_peft_model(base, CONFIGS["d2"]()), std=0.01)
     before = base_weights(model)
     model.merge_adapter()
     model.unmerge_adapter()
@@ -123,7 +114,7 @@ def independent_merge(kind: str, w0: torch.Tensor, factors, layer) -> torch.Tens
 def test_bf16_merge_is_computed_in_float32_and_cast_once(method):
     """In a bf16 model the merged weight equals the float32 formula rounded to bf16 once (before: D2 differed in
     about half the elements, its arithmetic having run in bf16)."""
-    model = randomised(get_peft_model(tiny_llama(), CONFIGS[method]())).to(torch.bfloat16)
+    model = trained_like(get_peft_model(tiny_llama(), CONFIGS[method]())).to(torch.bfloat16)
     expected = {}
     for layer in layers(model):
         expected[layer] = independent_merge(method, layer.base_weight(), layer.factors("default"), layer)
@@ -154,7 +145,7 @@ def lora_like(model_name: str, dual_model) -> torch.nn.Module:
 def test_bf16_round_trip_changes_w0_by_one_rounding_at_most_and_less_than_lora(method):
     """Factors of a size training reaches (dW a few percent of W0); peft's LoRA with dW of the same norm per layer
     is the yardstick (before: a D2 round trip changed 35 % of W0's elements, LoRA 19 %)."""
-    model = randomised(get_peft_model(tiny_llama(), CONFIGS[method]()), std=0.01)
+    model = trained_like(get_peft_model(tiny_llama(), CONFIGS[method]()), std=0.01)
     lora = lora_like("llama", model)
     fractions = {}
     for name, m in (("ours", model), ("lora", lora)):
@@ -185,7 +176,7 @@ def test_bf16_round_trip_changes_w0_by_one_rounding_at_most_and_less_than_lora(m
 @pytest.mark.parametrize("factor", [0, 2])
 def test_a_non_finite_factor_shows_in_the_output_and_safe_merge_names_it(method, bad, factor, inputs):
     """Sign maps NaN to -1 and ReLU maps -Inf to 0: without care a broken factor trains on behind a finite loss."""
-    model = randomised(get_peft_model(tiny_llama(), CONFIGS[method]()))
+    model = trained_like(get_peft_model(tiny_llama(), CONFIGS[method]()))
     layer = model.base_model.model.model.layers[1].mlp.up_proj
     name = layer.adapter_layer_names[factor]
     with torch.no_grad():
@@ -200,7 +191,7 @@ def test_a_non_finite_factor_shows_in_the_output_and_safe_merge_names_it(method,
 
 
 def test_a_grad_scaler_skips_the_step_of_a_broken_direction_factor(inputs):
-    model = randomised(get_peft_model(tiny_llama(), CONFIGS["dual"]()))
+    model = trained_like(get_peft_model(tiny_llama(), CONFIGS["dual"]()))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         layer.dual_lora_C["default"][1, 2] = float("nan")

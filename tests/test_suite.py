@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from duallora.app import suite
+from duallora.app import experiments, suite
 from duallora.app.cli import main
 from duallora.app.train import train
 
@@ -344,8 +344,8 @@ def test_rank_multiplier_scales_r_and_alpha(tiny_checkpoints, tiny_csv, tmp_path
     config = comparison(tiny_checkpoints, tiny_csv)
     config["base"].update(r=4, alpha=12)
     config["methods"] = ["lora-2r", "d2"]
-    experiment = suite.load_experiment(write_experiment(tmp_path, "x", config))
-    lora2r, d2 = (suite.Run(experiment, m, 0.01, 0).config() for m in ("lora-2r", "d2"))
+    experiment = experiments.load_experiment(write_experiment(tmp_path, "x", config))
+    lora2r, d2 = (experiments.Run(experiment, m, 0.01, 0).config() for m in ("lora-2r", "d2"))
     assert (lora2r.method, lora2r.r, lora2r.alpha) == ("lora", 8, 24)
     assert (d2.method, d2.r, d2.alpha) == ("d2", 4, 12)  # D2-LoRA at r, as the papers run it
     assert experiment.lr_grid == (1e-5, 0.02)
@@ -353,7 +353,7 @@ def test_rank_multiplier_scales_r_and_alpha(tiny_checkpoints, tiny_csv, tmp_path
 
 def fabricate(experiment, label, lr, seed, test_accuracy, kind="classification"):
     """A results file for one planned run with a given test accuracy, written as the suite writes it (no training)."""
-    run = suite.Run(experiment, label, lr, seed)
+    run = experiments.Run(experiment, label, lr, seed)
     cfg = run.config()
     metrics = {"method": cfg.method, "model": cfg.model, "task": "reviews.csv", "task_kind": kind,
                "primary_metric": "accuracy", "test": {"accuracy": test_accuracy}, "validation": {"accuracy": 0.5},
@@ -368,7 +368,7 @@ def test_claims_are_computed_from_the_numbers(tiny_checkpoints, tiny_csv, tmp_pa
     config = comparison(tiny_checkpoints, tiny_csv)
     config.update(lr_grid=[0.01], seeds=[0, 1, 2])
     root = tmp_path / "experiments"
-    experiment = suite.load_experiment(write_experiment(root, "cmp", config))
+    experiment = experiments.load_experiment(write_experiment(root, "cmp", config))
     for seed, (dual, lora) in enumerate([(0.60, 0.50), (0.62, 0.52), (0.64, 0.54)]):
         fabricate(experiment, "dual", 0.01, seed, dual)
         fabricate(experiment, "lora", 0.01, seed, lora)
@@ -387,7 +387,7 @@ def test_best_baseline_is_among_the_methods_with_dual_loras_parameters(tiny_chec
     config = comparison(tiny_checkpoints, tiny_csv)
     config.update(methods=["full", "lora", "lora-2r", "dora", "dual"], lr_grid=[0.01], seeds=[0, 1, 2])
     root = tmp_path / "experiments"
-    experiment = suite.load_experiment(write_experiment(root, "cmp", config))
+    experiment = experiments.load_experiment(write_experiment(root, "cmp", config))
     # full and lora-2r lead, but hold more trainable parameters than dual; dora is the best of lora and dora
     scores = {"full": 0.90, "lora-2r": 0.85, "dora": 0.70, "lora": 0.65, "dual": 0.75}
     for label, score in scores.items():
@@ -406,7 +406,7 @@ def test_a_task_where_no_method_beats_the_majority_class_is_left_out_of_the_clai
     config = comparison(tiny_checkpoints, tiny_csv)
     config.update(lr_grid=[0.01], seeds=[0, 1, 2])
     root = tmp_path / "experiments"
-    experiment = suite.load_experiment(write_experiment(root, "cmp", config))
+    experiment = experiments.load_experiment(write_experiment(root, "cmp", config))
     # majority 0.5 on 100 test examples: 2 standard errors = 200 sqrt(0.25 / 100) = 10 points, so up to 60.0 is noise
     for seed, (dual, lora) in enumerate([(0.56, 0.50), (0.58, 0.52), (0.60, 0.54)]):
         fabricate(experiment, "dual", 0.01, seed, dual)
@@ -430,9 +430,9 @@ def test_committed_results_match_their_configs_and_the_committed_report(tmp_path
     """The repository's own experiments: every results file belongs to a planned run made with its config's options,
     and docs/RESULTS.md and the README's summary are what `duallora suite --report` builds from them now."""
     repo = Path(__file__).parents[1]
-    for experiment in suite.load_experiments(repo / "experiments"):
-        planned = {run.name for run in suite.plan(experiment, suite.finished_runs(experiment))}
-        assert set(suite.read_results(experiment)) <= planned, experiment.name
+    for experiment in experiments.load_experiments(repo / "experiments"):
+        planned = {run.name for run in experiments.plan(experiment, experiments.finished_runs(experiment))}
+        assert set(experiments.read_results(experiment)) <= planned, experiment.name
     shutil.copytree(repo / "experiments", tmp_path / "experiments")
     shutil.copy(repo / "README.md", tmp_path / "README.md")
     assert main(["suite", "--root", str(tmp_path / "experiments"), "--report", "--docs-dir",

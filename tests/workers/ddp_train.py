@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from duallora.app.train import RunConfig, train
+from duallora.app.run_config import RunConfig
+from duallora.app.train import train
 
 
 def record_gradients(steps: list) -> object:

@@ -15,8 +15,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .suite import DEFAULT_RUNS_DIR, RunFailed
-from .train import METHODS, RunConfig, flag
+from .experiments import DEFAULT_RUNS_DIR
+from .suite import RunFailed
+from .run_config import METHODS, RunConfig, flag
 
 # The embedded default compare: about 10 minutes on 2 cores (see the README for what it measured).
 DEFAULT_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0,1", "--model", "minilm", "--task", "sentiment",
@@ -28,7 +29,8 @@ HELP = {
     "model": "'minilm', 'smollm2', a local checkpoint directory, or a hub id (online)",
     "task": "'sentiment', 'fact-verification', 'social-iqa', 'strategyqa', 'e2e-nlg', or a .csv/.json/.jsonl file",
     "output_dir": "where the run writes its adapter, metrics.json, plot and checkpoints",
-    "r": "rank budget (Dual LoRA: r1 + r2; compare runs D2-LoRA at r/2 to match LoRA's parameters); also --r, "
+    "r": "rank budget, the same for every method (Dual LoRA: r1 + r2; D2-LoRA at r holds LoRA at 2r's parameters, "
+         "compare with lora-2r); also --r, "
          "except under torchrun, whose own parser takes --r for an abbreviation of its options",
     "alpha": "lora_alpha (default 2 r)", "lr": "peak learning rate (default: 5e-5 for full, 1e-3 for adapters)",
     "epochs": "passes over the training set (ignored with --max-steps)", "max_steps": "optimizer steps to take",
@@ -101,7 +103,8 @@ def run_config(args: argparse.Namespace, drop: tuple[str, ...] = (), base: dict 
 
 
 def cmd_train(args) -> None:
-    from .train import saved_run_config, train
+    from .run_config import saved_run_config
+    from .train import train
 
     drop = ("resume", "overwrite")
     cfg = run_config(args, drop)
@@ -127,22 +130,29 @@ def cmd_eval(args) -> None:
 
 def cmd_compare(args) -> None:
     from .compare import compare
+    from .experiments import parse_method
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = []
+    for label in methods:
+        try:
+            parse_method(label)
+        except ValueError:
+            unknown.append(label)
     if unknown:
-        raise ValueError(f"Unknown method(s) {unknown} in --methods; valid: {list(METHODS)}")
+        raise ValueError(f"Unknown method(s) {unknown} in --methods; valid: {list(METHODS)}, an adapter method with a "
+                         "rank multiplier such as lora-2r")
     seeds = [int(s) for s in args.seeds.split(",")]
     base = run_config(args, drop=("methods", "seeds"))
-    results = compare(base, methods, seeds)
-    from .compare import markdown_table
-
-    print("\n" + markdown_table(results))
-    print(f"Results: {Path(base.output_dir) / 'results.json'}, table results.md, plot results.png")
+    compare(base, methods, seeds)
+    out = Path(base.output_dir)
+    print("\n" + (out / "results.md").read_text())
+    print(f"Results: {out / 'results.json'}, table results.md, plot results.png, each run's in results/")
 
 
 def cmd_merge(args) -> None:
-    from .train import atomic_dir, load_trained
+    from .run_files import atomic_dir
+    from .train import load_trained
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -205,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="every method x seed on the same budget; table and plot")
-    p.add_argument("--methods", default="dual,lora", help=f"comma-separated, from {list(METHODS)}")
+    p.add_argument("--methods", default="dual,lora",
+                   help=f"comma-separated, from {list(METHODS)}; lora-2r (and the like): LoRA at twice --rank")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     add_run_options(p, exclude=("method", "seed"))
     p.set_defaults(func=cmd_compare)

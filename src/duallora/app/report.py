@@ -12,203 +12,39 @@ The hand-written prose (the introduction and the caveats) lives in ``<root>/repo
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .evaluate import PRIMARY_METRIC
-from .suite import Experiment, Run, chosen_lr, finished_runs, load_experiments, plan, summary
-from .tasks.bigbench import BIGBENCH_KINDS
-from .train import atomic_write_text
+from .claims import claims_table
+from .experiments import Experiment, Run, load_experiments, plan, summary
+from .results import (
+    NOT_RUN,
+    ExperimentResults,
+    Group,
+    best_mean,
+    collect,
+    fmt_score,
+    markdown_table,
+    mean_std,
+    points,
+    test_examples,
+)
+from .run_files import atomic_write_text
 
 TEMPLATE_NAME = "report_template.md"
+
+
 # The README beside the experiments folder gets the headline and the claims between these markers (if it has them).
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
-NOT_RUN = "not run yet"
+
+
 METRIC_NAMES = {"accuracy": "accuracy", "bleu": "BLEU", "rougeL": "ROUGE-L"}
+
+
 KIND_ORDER = ("classification", "multiple_choice", "generation")  # NLU, commonsense, NLG: the papers' order
-# The baselines with Dual LoRA's trainable parameters at r: the papers compare "at the same parameter count", so
-# full fine-tuning and LoRA at 2r are not candidates for the "best baseline".
-SAME_BUDGET_BASELINES = ("lora", "dora")
-
-
-# ----------------------------------------------------------------------------------------------- numbers
-def points(value: float, metric: str) -> float:
-    """A score in points: accuracy in [0, 1] times 100; BLEU and ROUGE-L are 0-100 already."""
-    return 100 * value if metric == "accuracy" else value
-
-
-def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def fmt_score(values: list[float], bold: bool = False) -> str:
-    if not values:
-        return NOT_RUN
-    mean, std = mean_std(values)
-    text = f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
-    return f"**{text}**" if bold else text
-
-
-def majority_margin(accuracy: float, examples: int) -> float:
-    """Two binomial standard errors of an accuracy measured on ``examples`` test items, in points:
-    ``200 sqrt(p (1 - p) / n)``. Seeds share the test items, so averaging them does not shrink it."""
-    return 200 * math.sqrt(accuracy * (1 - accuracy) / examples)
-
-
-def test_examples(result: dict) -> int:
-    """How many test items a run was scored on. The suite's results written before runs recorded it were all capped
-    below their split's size, so for them the cap is the count."""
-    return result.get("test_examples", result["config"]["max_eval_examples"])
-
-
-def std_error(values: list[float]) -> float:
-    """Standard error of a mean; 0 for a single value (which the tables mark with n = 1)."""
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-
-
-@dataclass
-class Group:
-    """The finished runs of one method (comparison, at its chosen lr) or one variant (ablation)."""
-
-    label: str
-    results: list[dict]
-    lr: Optional[float] = None
-    note: str = ""  # why there are no results yet, or fewer than planned
-    same_as: Optional[str] = None  # an earlier group whose runs these are, bit for bit: not a finding of its own
-
-    def scores(self, metric: str) -> list[float]:
-        return [points(r["test"][metric], metric) for r in self.results]
-
-    def first(self, key: str, default=None):
-        return self.results[0][key] if self.results else default
-
-
-@dataclass
-class ExperimentResults:
-    """An experiment with its finished runs grouped by method or variant."""
-
-    experiment: Experiment
-    finished: dict[str, dict]
-    groups: list[Group] = field(default_factory=list)
-
-    @property
-    def any_result(self) -> Optional[dict]:
-        return next(iter(self.finished.values()), None)
-
-    @property
-    def kind(self) -> Optional[str]:
-        """The task's kind from a finished run, else from the built-in task's name (None for a task file)."""
-        if self.any_result:
-            return self.any_result["task_kind"]
-        return BIGBENCH_KINDS.get(self.experiment.base.get("task"))
-
-    @property
-    def metric(self) -> Optional[str]:
-        if self.any_result:
-            return self.any_result["primary_metric"]
-        return PRIMARY_METRIC.get(self.kind)
-
-    @property
-    def metrics(self) -> list[str]:
-        """The primary metric first, then the other numeric test scores (ROUGE-L next to BLEU)."""
-        if not self.any_result:
-            return []
-        test = self.any_result["test"]
-        return [self.metric] + [k for k, v in test.items() if k != self.metric and isinstance(v, (int, float))]
-
-    @property
-    def task(self) -> str:
-        base = self.experiment.base
-        return f"{base.get('model', '?')} / {base.get('task', '?')}"
-
-    @property
-    def done(self) -> int:
-        """How many of the planned runs are finished (results files of other runs aside)."""
-        return sum(run.name in self.finished for run in plan(self.experiment, self.finished))
-
-    @property
-    def complete(self) -> bool:
-        """Every planned run is finished: only then may a task left out of the claims close a claim for good."""
-        return self.done == len(plan(self.experiment, self.finished))
-
-    def group(self, label: str) -> Optional[Group]:
-        return next((g for g in self.groups if g.label == label and g.results), None)
-
-    @property
-    def majority(self) -> Optional[tuple[float, float]]:
-        """The majority class's test score and the margin a method must exceed it by, in points (None for
-        generation)."""
-        first = self.any_result
-        if not first or first.get("majority_baseline") is None:
-            return None
-        return (points(first["majority_baseline"], "accuracy"),
-                majority_margin(first["majority_baseline"], test_examples(first)))
-
-    @property
-    def at_majority(self) -> bool:
-        """No method's mean test score beats the majority class by more than two standard errors of an accuracy on
-        the test examples: at this budget the task taught no method anything measurable, so a difference between
-        methods there says nothing about them."""
-        if not self.majority:
-            return False
-        majority, margin = self.majority
-        best = _best_mean(self, self.metric)
-        return best is not None and best <= majority + margin
-
-
-def run_outcome(result: dict) -> str:
-    """Everything a run measured that its options could change: its seed, loss curve and scores."""
-    return json.dumps([result["config"]["seed"], result["loss_curve"], result["validation"], result["test"]],
-                      sort_keys=True)
-
-
-def mark_identical(groups: list[Group]) -> None:
-    """Mark each group whose runs are those of an earlier group, seed for seed, loss curve and scores equal: the
-    options it changes had no effect at all (the STE variants at the default init, say), so it must not be ranked
-    as a finding of its own."""
-    seen: dict[tuple, str] = {}
-    for g in groups:
-        if not g.results:
-            continue
-        key = tuple(sorted(run_outcome(r) for r in g.results))
-        if key in seen:
-            g.same_as = seen[key]
-        else:
-            seen[key] = g.label
-
-
-def collect(experiment: Experiment) -> ExperimentResults:
-    """The experiment's finished runs, grouped: a comparison's methods at their chosen lr, an ablation's variants."""
-    finished = finished_runs(experiment)
-    out = ExperimentResults(experiment, finished)
-    if experiment.kind == "ablation":
-        for variant in experiment.variants:
-            runs = [finished[n] for s in experiment.seeds if (n := Run(experiment, variant, None, s).name) in finished]
-            out.groups.append(Group(variant, runs, note="" if runs else NOT_RUN))
-        mark_identical(out.groups)
-        return out
-    for method in experiment.methods:
-        lr = chosen_lr(experiment, method, finished)
-        if lr is None:
-            done = sum(Run(experiment, method, g, experiment.seeds[0]).name in finished for g in experiment.lr_grid)
-            out.groups.append(Group(method, [], note=NOT_RUN if done == 0 else
-                                    f"choosing lr: {done} of {len(experiment.lr_grid)} grid runs finished"))
-            continue
-        runs = [finished[n] for s in experiment.seeds if (n := Run(experiment, method, lr, s).name) in finished]
-        out.groups.append(Group(method, runs, lr=lr))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- tables
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def _cost_cells(group: Group) -> list[str]:
@@ -219,14 +55,18 @@ def _cost_cells(group: Group) -> list[str]:
     return [f"{seconds:.0f} s", f"{memory:.0f} MiB"]
 
 
-def _best_mean(results: ExperimentResults, metric: str) -> Optional[float]:
-    means = [statistics.mean(g.scores(metric)) for g in results.groups if g.results and not g.same_as]
-    return max(means) if means else None
+def matching_rule(experiment: Experiment) -> str:
+    """The one rule by which methods are matched on parameters, as the tables state it."""
+    r = experiment.base.get("r", 8)
+    return (f"Every method at r = {r} (a label such as lora-2r: that multiple of r); at the same r, Dual LoRA holds "
+            "LoRA's trainable parameters and D2-LoRA (two branches) LoRA at 2r's: each row names its count.")
 
 
 def _caption(results: ExperimentResults) -> str:
     exp = results.experiment
     text = f"{summary(exp)}; test scores in points, mean ± std over seeds."
+    if exp.kind == "comparison":
+        text += " " + matching_rule(exp)
     if results.majority:
         majority, margin = results.majority
         examples = test_examples(results.any_result)
@@ -250,9 +90,10 @@ def group_table(results: ExperimentResults) -> str:
     table; the best mean of each metric in bold."""
     exp = results.experiment
     metrics = results.metrics or ["score"]
-    best = {m: _best_mean(results, m) for m in results.metrics}
-    first_col = ["method", "r", "trainable params", "lr (chosen)"] if exp.kind == "comparison" else \
-        ["variant", "overrides", "trainable params"]
+    best = {m: best_mean(results, m) for m in results.metrics}
+    lr_column = "lr (chosen)" if exp.lr_grid else "lr"
+    first_col = (["method", "r", "trainable params", lr_column] if exp.kind == "comparison"
+                 else ["variant", "overrides", "trainable params"])
     header = first_col + [f"test {_name(m)}" for m in metrics] + ["n", "train time", "peak memory"]
     rows = []
     for g in results.groups:
@@ -273,7 +114,7 @@ def group_table(results: ExperimentResults) -> str:
         note = (f"\n\nIdentical runs ({pairs}): loss curve, validation and test scores equal at every seed, bit for "
                 "bit. The options these variants change had no effect at all in this setting, so they are not "
                 "separate findings and are not ranked.")
-    return _caption(results) + note + "\n\n" + _table(header, rows)
+    return _caption(results) + note + "\n\n" + markdown_table(header, rows)
 
 
 def lr_table(results: ExperimentResults) -> str:
@@ -293,7 +134,7 @@ def lr_table(results: ExperimentResults) -> str:
             cells.append(f"**{text}**" if lr == g.lr else text)
         rows.append([g.label] + cells)
     return (f"Validation {_name(results.metric)} at seed {exp.seeds[0]} for each learning rate of the grid; "
-            "the chosen one (best, ties to the first listed) in bold.\n\n" + _table(header, rows))
+            "the chosen one (best, ties to the first listed) in bold.\n\n" + markdown_table(header, rows))
 
 
 def headline_table(comparisons: list[ExperimentResults]) -> str:
@@ -312,9 +153,9 @@ def headline_table(comparisons: list[ExperimentResults]) -> str:
             else:
                 scores, seeds = group.scores(c.metric), len(c.experiment.seeds)
                 partial = f" ({len(scores)} of {seeds} seeds)" if len(scores) < seeds else ""
-                cells.append(fmt_score(scores, bold=statistics.mean(scores) == _best_mean(c, c.metric)) + partial)
+                cells.append(fmt_score(scores, bold=statistics.mean(scores) == best_mean(c, c.metric)) + partial)
         rows.append([method] + cells)
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def budget_table(all_results: list[ExperimentResults]) -> str:
@@ -336,127 +177,9 @@ def budget_table(all_results: list[ExperimentResults]) -> str:
         rows.append([exp.name, exp.kind, res.task, *steps, str(cfg.max_length), str(cfg.max_eval_examples or "all"),
                      lr, ", ".join(map(str, exp.seeds)), f"{len(done)} of {len(runs)}",
                      f"{sum(r['train_seconds'] for r in done) / 60:.0f} min", wall])
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
-# -------------------------------------------------------------------------------------- the papers' claims
-@dataclass(frozen=True)
-class Claim:
-    """One claim of a paper, checked on our comparisons of the given task kinds as ``ours - other``."""
-
-    paper: str
-    claim: str
-    kinds: tuple[str, ...]
-    ours: str
-    other: str  # a method, or "best baseline" (of SAME_BUDGET_BASELINES)
-    expect: str  # "gain": ours above other; "match": no difference; "absolute": a number we cannot compare
-    paper_gain: Optional[tuple[float, float]] = None  # the paper's difference in points (a range: low, high)
-
-
-ACCURACY_KINDS = ("classification", "multiple_choice")
-CLAIMS = (
-    Claim("Dual LoRA", "GLUE, RoBERTa-base: +1.6 points over LoRA", ("classification",), "dual", "lora", "gain",
-          (1.6, 1.6)),
-    Claim("Dual LoRA", "GLUE, RoBERTa-base: +1.8 points over DoRA", ("classification",), "dual", "dora", "gain",
-          (1.8, 1.8)),
-    Claim("Dual LoRA", "commonsense, LLaMA: +0.6 to +0.9 points over the best baseline at its parameter count",
-          ("multiple_choice",), "dual", "best baseline", "gain", (0.6, 0.9)),
-    Claim("Dual LoRA", "E2E NLG, GPT-2: BLEU 70.6", ("generation",), "dual", "lora", "absolute"),
-    Claim("D2-LoRA", "+2.2 points over LoRA at the same r", ACCURACY_KINDS, "d2", "lora", "gain", (2.2, 2.2)),
-    Claim("D2-LoRA", "+1.6 points over LoRA at matched parameters (LoRA 2r)", ACCURACY_KINDS, "d2", "lora-2r",
-          "gain", (1.6, 1.6)),
-    Claim("D2-LoRA", "matches DoRA", ACCURACY_KINDS, "d2", "dora", "match", (0.0, 0.0)),
-)
-
-
-@dataclass
-class Difference:
-    """``ours - other`` in points, averaged over tasks, with its standard error."""
-
-    mean: float
-    se: float
-    tasks: list[str]
-    fewest_seeds: int  # the smallest n of the groups compared
-    ours: float  # our method's own mean score, averaged over the tasks
-
-
-def _other_group(results: ExperimentResults, other: str) -> Optional[Group]:
-    if other != "best baseline":
-        return results.group(other)
-    present = [g for g in (results.group(b) for b in SAME_BUDGET_BASELINES) if g is not None]
-    return max(present, key=lambda g: statistics.mean(g.scores(results.metric)), default=None)
-
-
-def difference(comparisons: list[ExperimentResults], claim: Claim) -> Optional[Difference]:
-    """``ours - other`` averaged over the tasks of the claim's kinds where both have results (naming the baseline
-    picked, for "best baseline"); None where no task has both yet."""
-    diffs, errors, used, seeds, own = [], [], [], [], []
-    for res in comparisons:
-        if res.kind not in claim.kinds or res.at_majority:
-            continue
-        ours, other = res.group(claim.ours), _other_group(res, claim.other)
-        if ours is None or other is None:
-            continue
-        a, b = ours.scores(res.metric), other.scores(res.metric)
-        diffs.append(statistics.mean(a) - statistics.mean(b))
-        errors.append(math.hypot(std_error(a), std_error(b)))
-        used.append(res.task + (f" (vs {other.label})" if claim.other == "best baseline" else ""))
-        seeds.append(min(len(a), len(b)))
-        own.append(statistics.mean(a))
-    if not diffs:
-        return None
-    return Difference(statistics.mean(diffs), math.sqrt(sum(e * e for e in errors)) / len(errors), used, min(seeds),
-                      statistics.mean(own))
-
-
-def verdict(claim: Claim, d: Difference) -> str:
-    """Agreement read off the difference and two standard errors of it; and whether the paper's own figure lies
-    within those two standard errors."""
-    if d.fewest_seeds < 2:
-        return "too early: a method has only one seed so far"
-    beyond = abs(d.mean) > 2 * d.se
-    direction = f"{claim.ours} {'ahead' if d.mean > 0 else 'behind'} by more than 2 standard errors"
-    if claim.expect == "absolute":
-        return (f"ours {d.ours:.1f}: not comparable in absolute terms (another model and test set); relative to "
-                f"{claim.other}: " +
-                (direction if beyond else "no difference beyond 2 standard errors"))
-    if claim.expect == "match":
-        text = f"disagrees: {direction}" if beyond else "agrees: no difference beyond 2 standard errors"
-    elif not beyond:
-        text = "inconclusive: within 2 standard errors of no difference"
-    else:
-        text = "agrees in direction: a gain beyond 2 standard errors" if d.mean > 0 else f"disagrees: {direction}"
-    low, high = d.mean - 2 * d.se, d.mean + 2 * d.se
-    inside = claim.paper_gain[1] >= low and claim.paper_gain[0] <= high
-    return text + f"; the paper's figure is {'inside' if inside else 'outside'} ours ± 2 standard errors"
-
-
-def claims_table(comparisons: list[ExperimentResults]) -> str:
-    rows = []
-    for claim in CLAIMS:
-        d = difference(comparisons, claim)
-        pair = f"{claim.ours} - {claim.other}"
-        if d is None:
-            tasks = [res for res in comparisons if res.kind in claim.kinds]
-            settled = bool(tasks) and all(res.at_majority and res.complete for res in tasks)
-            why = "no task of this kind taught the methods anything measurable (see above)"
-            rows.append([claim.paper, claim.claim, pair, "–" if settled else NOT_RUN, "",
-                         why if settled else NOT_RUN])
-            continue
-        rows.append([claim.paper, claim.claim, pair, f"{d.mean:+.1f} ± {d.se:.1f}", "; ".join(d.tasks),
-                     verdict(claim, d)])
-    untaught = [f"{res.task} (best {_best_mean(res, res.metric):.1f}, majority class {res.majority[0]:.1f} + "
-                f"{res.majority[1]:.1f})" for res in comparisons if res.at_majority]
-    left_out = (f" Left out: {', '.join(untaught)}, where no method's test mean beats the majority class by more "
-                "than 2 standard errors of an accuracy on its test examples (at this budget the task taught no method "
-                "anything measurable)." if untaught else "")
-    return ("Ours: the difference of test means in points (± its standard error), averaged over the tasks listed; "
-            "a verdict needs the difference to exceed 2 standard errors. The best baseline is the better of "
-            f"{' and '.join(SAME_BUDGET_BASELINES)} at r, Dual LoRA's parameter count." + left_out + "\n\n" +
-            _table(["paper", "claim", "ours", "difference", "tasks", "verdict"], rows))
-
-
-# ------------------------------------------------------------------------------------------- rank analysis
 def _module(layer: str) -> str:
     """``base_model.model.model.layers.3.self_attn.q_proj`` -> ``q_proj``."""
     return layer.rsplit(".", 1)[-1]
@@ -481,7 +204,7 @@ def rank_table(inspected: list[dict]) -> str:
                          _median_range([r["rank_direction"] for r in items if "rank_direction" in r]),
                          str(items[0]["lora_bound"]), _median_range([min(r["shape"]) for r in items]),
                          f"{statistics.median(r['relative_norm'] for r in items):.4f}"])
-    return _table(["run", "module", "layers", "rank dW", "rank magnitude part", "rank direction part",
+    return markdown_table(["run", "module", "layers", "rank dW", "rank magnitude part", "rank direction part",
                    "LoRA bound r", "full rank", "median norm dW / norm W0"], rows)
 
 
@@ -498,7 +221,6 @@ def rank_sentence(inspected: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------- plots
 def _pyplot():
     import matplotlib
 
@@ -509,20 +231,32 @@ def _pyplot():
 
 
 def plot_comparison(results: ExperimentResults, path: Path) -> bool:
-    """Bars of the mean test score per method with std error bars (compare's plot); False when nothing to plot."""
-    from .compare import plot_results
-
-    metric = results.metric
+    """Bars of the mean test score per method with the standard deviation over seeds as error bars, the majority
+    class as a line and each bar's parameter count; False when nothing is there to plot."""
     groups = [g for g in results.groups if g.results]
     if not groups:
         return False
-    majority = results.any_result.get("majority_baseline")
-    rows = [{"method": g.label, "metric": metric, "mean": mean_std(g.scores(metric))[0],
-             "std": mean_std(g.scores(metric))[1] or 0.0, "trainable_params": g.first("trainable_params"),
-             "majority_baseline": None if majority is None else points(majority, "accuracy")} for g in groups]
-    base = results.experiment.base
-    plot_results({"summary": rows, "runs": [{"model": base.get("model"), "task": base.get("task")}],
-                  "seeds": list(results.experiment.seeds)}, path)
+    plt = _pyplot()
+    metric = results.metric
+    means = [mean_std(g.scores(metric))[0] for g in groups]
+    stds = [mean_std(g.scores(metric))[1] or 0.0 for g in groups]
+    fig, ax = plt.subplots(figsize=(1.4 * len(groups) + 2, 3.8))
+    ax.bar([g.label for g in groups], means, yerr=stds, capsize=6,
+           color=["tab:orange" if g.label.startswith(("dual", "d2")) else "tab:gray" for g in groups])
+    majority = results.majority[0] if results.majority else None
+    if majority is not None:
+        ax.axhline(majority, color="black", linestyle=":", label="majority class")
+        ax.legend(loc="lower right")
+    low = min([m - s for m, s in zip(means, stds)] + [majority if majority is not None else float("inf")])
+    ax.set_ylim(max(0.0, low - 0.1 * abs(low)), None)  # zoomed to the scores, the majority line kept in view
+    ax.set_ylabel(f"test {_name(metric)} (points)")
+    ax.set_title(f"{results.task} ({len(results.experiment.seeds)} seed(s))")
+    for i, (g, m) in enumerate(zip(groups, means)):
+        ax.annotate(f"{g.first('trainable_params') / 1e3:.0f}k params", (i, m), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 8), textcoords="offset points")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
 
 
@@ -591,7 +325,6 @@ def plot_ranks(inspected: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------------------ sections
 def comparison_section(res: ExperimentResults, figures: Path) -> str:
     """A comparison's results table, learning-rate table and bar plot."""
     exp = res.experiment

@@ -25,7 +25,7 @@ from peft.tuners.tuners_utils import _ExcludedModule
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .layer import SUPPORTED_LAYER_TYPES, AdaptedLayer, Conv1D, is_adaptable, unsupported_layer_error
+from .layer import AdaptedLayer, Conv1D, is_adaptable, unsupported_layer_error
 
 _PEFT_KEY_PREFIX = "base_model.model."
 

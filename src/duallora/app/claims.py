@@ -1,0 +1,134 @@
+"""The papers' claims against our results: each claim's difference between two methods over its tasks, with its
+standard error, and a verdict that needs the difference beyond two standard errors."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Optional
+
+from .results import NOT_RUN, ExperimentResults, Group, best_mean, markdown_table, std_error
+
+
+# The baselines with Dual LoRA's trainable parameters at r: the papers compare "at the same parameter count", so
+# full fine-tuning and LoRA at 2r are not candidates for the "best baseline".
+SAME_BUDGET_BASELINES = ("lora", "dora")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of a paper, checked on our comparisons of the given task kinds as ``ours - other``."""
+
+    paper: str
+    claim: str
+    kinds: tuple[str, ...]
+    ours: str
+    other: str  # a method, or "best baseline" (of SAME_BUDGET_BASELINES)
+    expect: str  # "gain": ours above other; "match": no difference; "absolute": a number we cannot compare
+    paper_gain: Optional[tuple[float, float]] = None  # the paper's difference in points (a range: low, high)
+
+
+ACCURACY_KINDS = ("classification", "multiple_choice")
+
+
+CLAIMS = (
+    Claim("Dual LoRA", "GLUE, RoBERTa-base: +1.6 points over LoRA", ("classification",), "dual", "lora", "gain",
+          (1.6, 1.6)),
+    Claim("Dual LoRA", "GLUE, RoBERTa-base: +1.8 points over DoRA", ("classification",), "dual", "dora", "gain",
+          (1.8, 1.8)),
+    Claim("Dual LoRA", "commonsense, LLaMA: +0.6 to +0.9 points over the best baseline at its parameter count",
+          ("multiple_choice",), "dual", "best baseline", "gain", (0.6, 0.9)),
+    Claim("Dual LoRA", "E2E NLG, GPT-2: BLEU 70.6", ("generation",), "dual", "lora", "absolute"),
+    Claim("D2-LoRA", "+2.2 points over LoRA at the same r", ACCURACY_KINDS, "d2", "lora", "gain", (2.2, 2.2)),
+    Claim("D2-LoRA", "+1.6 points over LoRA at matched parameters (LoRA 2r)", ACCURACY_KINDS, "d2", "lora-2r",
+          "gain", (1.6, 1.6)),
+    Claim("D2-LoRA", "matches DoRA", ACCURACY_KINDS, "d2", "dora", "match", (0.0, 0.0)),
+)
+
+
+@dataclass
+class Difference:
+    """``ours - other`` in points, averaged over tasks, with its standard error."""
+
+    mean: float
+    se: float
+    tasks: list[str]
+    fewest_seeds: int  # the smallest n of the groups compared
+    ours: float  # our method's own mean score, averaged over the tasks
+
+
+def _other_group(results: ExperimentResults, other: str) -> Optional[Group]:
+    if other != "best baseline":
+        return results.group(other)
+    present = [g for g in (results.group(b) for b in SAME_BUDGET_BASELINES) if g is not None]
+    return max(present, key=lambda g: statistics.mean(g.scores(results.metric)), default=None)
+
+
+def difference(comparisons: list[ExperimentResults], claim: Claim) -> Optional[Difference]:
+    """``ours - other`` averaged over the tasks of the claim's kinds where both have results (naming the baseline
+    picked, for "best baseline"); None where no task has both yet."""
+    diffs, errors, used, seeds, own = [], [], [], [], []
+    for res in comparisons:
+        if res.kind not in claim.kinds or res.at_majority:
+            continue
+        ours, other = res.group(claim.ours), _other_group(res, claim.other)
+        if ours is None or other is None:
+            continue
+        a, b = ours.scores(res.metric), other.scores(res.metric)
+        diffs.append(statistics.mean(a) - statistics.mean(b))
+        errors.append(math.hypot(std_error(a), std_error(b)))
+        used.append(res.task + (f" (vs {other.label})" if claim.other == "best baseline" else ""))
+        seeds.append(min(len(a), len(b)))
+        own.append(statistics.mean(a))
+    if not diffs:
+        return None
+    return Difference(statistics.mean(diffs), math.sqrt(sum(e * e for e in errors)) / len(errors), used, min(seeds),
+                      statistics.mean(own))
+
+
+def verdict(claim: Claim, d: Difference) -> str:
+    """Agreement read off the difference and two standard errors of it; and whether the paper's own figure lies
+    within those two standard errors."""
+    if d.fewest_seeds < 2:
+        return "too early: a method has only one seed so far"
+    beyond = abs(d.mean) > 2 * d.se
+    direction = f"{claim.ours} {'ahead' if d.mean > 0 else 'behind'} by more than 2 standard errors"
+    if claim.expect == "absolute":
+        return (f"ours {d.ours:.1f}: not comparable in absolute terms (another model and test set); relative to "
+                f"{claim.other}: " +
+                (direction if beyond else "no difference beyond 2 standard errors"))
+    if claim.expect == "match":
+        text = f"disagrees: {direction}" if beyond else "agrees: no difference beyond 2 standard errors"
+    elif not beyond:
+        text = "inconclusive: within 2 standard errors of no difference"
+    else:
+        text = "agrees in direction: a gain beyond 2 standard errors" if d.mean > 0 else f"disagrees: {direction}"
+    low, high = d.mean - 2 * d.se, d.mean + 2 * d.se
+    inside = claim.paper_gain[1] >= low and claim.paper_gain[0] <= high
+    return text + f"; the paper's figure is {'inside' if inside else 'outside'} ours ± 2 standard errors"
+
+
+def claims_table(comparisons: list[ExperimentResults]) -> str:
+    rows = []
+    for claim in CLAIMS:
+        d = difference(comparisons, claim)
+        pair = f"{claim.ours} - {claim.other}"
+        if d is None:
+            tasks = [res for res in comparisons if res.kind in claim.kinds]
+            settled = bool(tasks) and all(res.at_majority and res.complete for res in tasks)
+            why = "no task of this kind taught the methods anything measurable (see above)"
+            rows.append([claim.paper, claim.claim, pair, "–" if settled else NOT_RUN, "",
+                         why if settled else NOT_RUN])
+            continue
+        rows.append([claim.paper, claim.claim, pair, f"{d.mean:+.1f} ± {d.se:.1f}", "; ".join(d.tasks),
+                     verdict(claim, d)])
+    untaught = [f"{res.task} (best {best_mean(res, res.metric):.1f}, majority class {res.majority[0]:.1f} + "
+                f"{res.majority[1]:.1f})" for res in comparisons if res.at_majority]
+    left_out = (f" Left out: {', '.join(untaught)}, where no method's test mean beats the majority class by more "
+                "than 2 standard errors of an accuracy on its test examples (at this budget the task taught no method "
+                "anything measurable)." if untaught else "")
+    return ("Ours: the difference of test means in points (± its standard error), averaged over the tasks listed; "
+            "a verdict needs the difference to exceed 2 standard errors. The best baseline is the better of "
+            f"{' and '.join(SAME_BUDGET_BASELINES)} at r, Dual LoRA's parameter count." + left_out + "\n\n" +
+            markdown_table(["paper", "claim", "ours", "difference", "tasks", "verdict"], rows))

@@ -1,0 +1,66 @@
+"""This process among a run's processes: its accelerate state, the collectives (on ``accelerator.device``), the
+random state a resume restores, its peak memory and the versions it ran with."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+from pathlib import Path
+
+import torch
+
+def make_accelerator(grad_accum: int):
+    """The accelerate state of this process. Launched as several processes on a machine without an accelerator
+    (``torchrun``/``accelerate launch`` on CPUs), accelerate needs ``cpu=True`` to set up its gloo process group."""
+    from accelerate import Accelerator
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(gradient_accumulation_steps=grad_accum, cpu=several and not torch.cuda.is_available())
+
+
+def reduce_across_processes(accelerator, values: list[float], reduction: str) -> list[float]:
+    """``values`` reduced over the processes (each process passes its own). The tensor lives on
+    ``accelerator.device``: NCCL, the multi-GPU backend, takes GPU tensors only."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(tensor, reduction=reduction).tolist()
+
+
+def rng_state() -> dict:
+    """The random state a resumed run needs for the same dropout masks: the CPU's, and the current GPU's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state) -> None:
+    if isinstance(state, torch.Tensor):  # a checkpoint of duallora 0.1: the CPU's state only
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def environment() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "duallora": __version__,
+            "git_commit": commit, "threads": torch.get_num_threads()}

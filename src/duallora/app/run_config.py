@@ -1,0 +1,149 @@
+"""What defines a run: its options (:class:`RunConfig`, one command-line flag each, saved as ``run_config.json``),
+the PEFT config of its method, and which options a resumed run may change."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+METHODS = ("dual", "d2", "lora", "dora", "full")
+
+
+# What may change when a run is resumed: its step budget and its evaluation and checkpoint cadence. Anything else
+# would make the resumed run another experiment than the one its checkpoint belongs to.
+RESUMABLE_OPTIONS = ("max_steps", "epochs", "eval_every", "save_every")
+
+
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dora": 1e-3, "dual": 1e-3, "d2": 1e-3}
+
+
+def flag(option: str) -> str:
+    """The command-line flag of a RunConfig field (``r`` is ``--rank``: torchrun's parser takes ``--r`` for itself)."""
+    return "--rank" if option == "r" else "--" + option.replace("_", "-")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; saved as ``run_config.json`` so that eval and resume can rebuild it."""
+
+    method: str = "dual"
+    model: str = "minilm"
+    task: str = "sentiment"
+    output_dir: str = "runs/dual"
+    r: int = 8
+    alpha: Optional[float] = None  # None: 2 * r
+    lr: Optional[float] = None  # None: DEFAULT_LR[method]
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 128
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    eval_every: Optional[int] = None
+    save_every: Optional[int] = None
+    lr_warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    target_modules: str = "all-linear"
+    dropout: float = 0.0
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = 1000
+    text_column: Optional[str] = None
+    text_pair_column: Optional[str] = None
+    label_column: Optional[str] = None
+    # method options (None: the method's default)
+    r1: Optional[int] = None
+    r2: Optional[int] = None
+    warmup_steps: Optional[int] = None
+    ste: Optional[str] = None
+    magnitude_activation: Optional[str] = None
+    direction_activation: Optional[str] = None
+    init_std: Optional[float] = None  # a number; the library also takes "fan_in"
+    tau: Optional[float] = None
+    norm_axis: Optional[str] = None
+    detach_norm: Optional[bool] = None
+    weight_grad_dtype: Optional[str] = None
+
+    def validate(self) -> None:
+        """Ranges of the run's own flags (the adapter configs check theirs)."""
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; valid: {list(METHODS)}")
+        checks = [("--rank", self.r, self.r >= 1, ">= 1"), ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+                  ("--grad-accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
+                  ("--max-length", self.max_length, self.max_length >= 8, ">= 8"),
+                  ("--epochs", self.epochs, self.epochs > 0, "> 0"),
+                  ("--lr-warmup-ratio", self.lr_warmup_ratio, 0 <= self.lr_warmup_ratio < 1, "in [0, 1)"),
+                  ("--dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")]
+        for flag, value in (("--lr", self.lr), ("--alpha", self.alpha)):
+            if value is not None:
+                checks.append((flag, value, value > 0, "> 0"))
+        for flag, value in (("--max-steps", self.max_steps), ("--eval-every", self.eval_every),
+                            ("--save-every", self.save_every), ("--max-train-examples", self.max_train_examples),
+                            ("--max-eval-examples", self.max_eval_examples)):
+            if value is not None:
+                checks.append((flag, value, value >= 1, ">= 1"))
+        for flag, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{flag} must be {allowed}; got {value}.")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown run option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**values)
+
+
+def adapter_config(cfg: RunConfig, task_kind: str):
+    """The PEFT config of the run's method (None for full fine-tuning)."""
+    from peft import LoraConfig
+
+    from .. import D2LoraConfig, DualLoraConfig
+
+    task_type = "SEQ_CLS" if task_kind == "classification" else "CAUSAL_LM"
+    alpha = cfg.alpha if cfg.alpha is not None else 2 * cfg.r
+    common = dict(r=cfg.r, lora_alpha=alpha, target_modules=cfg.target_modules, lora_dropout=cfg.dropout,
+                  task_type=task_type)
+    ours = {"weight_grad_dtype": cfg.weight_grad_dtype} if cfg.weight_grad_dtype else {}
+    options = {k: v for k, v in asdict(cfg).items() if v is not None}
+    pick = lambda names: {k: options[k] for k in names if k in options}  # noqa: E731
+    if cfg.method == "dual":
+        return DualLoraConfig(**common, **ours, **pick(["r1", "r2", "warmup_steps", "ste", "magnitude_activation",
+                                                        "direction_activation", "init_std"]))
+    if cfg.method == "d2":
+        return D2LoraConfig(**common, **ours, **pick(["tau", "norm_axis", "detach_norm"]))
+    if cfg.method in ("lora", "dora"):
+        return LoraConfig(use_dora=cfg.method == "dora", **common)
+    return None
+
+
+def saved_run_config(output_dir) -> Optional[dict]:
+    """The options of the run in ``output_dir`` (its ``run_config.json``), or None if there is none."""
+    path = Path(output_dir) / "run_config.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def resumed_config(cfg: RunConfig, saved: dict) -> tuple[RunConfig, list[str]]:
+    """The configuration a resumed run continues with: the saved one, with the options of ``RESUMABLE_OPTIONS``
+    taken from ``cfg`` where they differ (and named in the returned notes). Any other difference is refused by name:
+    the checkpoint belongs to the saved options."""
+    saved_cfg = RunConfig.from_dict({**saved, "output_dir": cfg.output_dir})
+    changed = [f.name for f in fields(RunConfig) if getattr(cfg, f.name) != getattr(saved_cfg, f.name)]
+    refused = [name for name in changed if name not in RESUMABLE_OPTIONS]
+    if refused:
+        listed = ", ".join(f"{flag(n)} {getattr(cfg, n)!r} (the run has {getattr(saved_cfg, n)!r})" for n in refused)
+        raise ValueError(
+            f"--resume continues the run in {cfg.output_dir} with the options it was started with; these differ: "
+            f"{listed}. Only {', '.join(flag(n) for n in RESUMABLE_OPTIONS)} may change on resume. Drop the "
+            "others, or start another run (a new --output-dir, or --overwrite)."
+        )
+    notes = [f"{flag(n)} {getattr(saved_cfg, n)} -> {getattr(cfg, n)}" for n in changed]
+    return RunConfig.from_dict({**asdict(saved_cfg), **{n: getattr(cfg, n) for n in changed}}), notes
