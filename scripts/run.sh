@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install, then run `duallora` with the given arguments; with none, the embedded default: Dual LoRA against LoRA
-# at the same parameter count on MiniLM + sentiment, 2 seeds (about 12 minutes on 2 cores).
+# at the same parameter count on MiniLM + sentiment, 2 seeds (12-15 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

@@ -304,3 +304,13 @@ def test_import_duallora_brings_nothing_of_the_application():
               "print(bad); assert not bad")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+
+
+def test_files_written_atomically_have_the_permissions_open_gives(tmp_path):
+    import os
+
+    from duallora.app.run_files import atomic_write_text
+
+    atomic_write_text(tmp_path / "metrics.json", "{}")
+    (tmp_path / "plain.json").write_text("{}")
+    assert os.stat(tmp_path / "metrics.json").st_mode == os.stat(tmp_path / "plain.json").st_mode

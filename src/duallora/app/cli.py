@@ -19,7 +19,7 @@ from .experiments import DEFAULT_RUNS_DIR
 from .suite import RunFailed
 from .run_config import METHODS, RunConfig, flag
 
-# The embedded default compare: about 10 minutes on 2 cores (see the README for what it measured).
+# The embedded default compare: 12-15 minutes on 2 cores (see the README for what it measured).
 DEFAULT_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0,1", "--model", "minilm", "--task", "sentiment",
                    "--output-dir", "runs/default-compare", "--max-steps", "400", "--batch-size", "16",
                    "--max-length", "64", "--eval-every", "200", "--max-eval-examples", "1000"]

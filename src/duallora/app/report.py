@@ -230,16 +230,21 @@ def _pyplot():
     return plt
 
 
+def _bar_values(results: ExperimentResults):
+    """The groups with results, the metric, and each group's mean and std over seeds (0 for one seed)."""
+    groups = [g for g in results.groups if g.results]
+    metric = results.metric
+    return (groups, metric, [mean_std(g.scores(metric))[0] for g in groups],
+            [mean_std(g.scores(metric))[1] or 0.0 for g in groups])
+
+
 def plot_comparison(results: ExperimentResults, path: Path) -> bool:
     """Bars of the mean test score per method with the standard deviation over seeds as error bars, the majority
     class as a line and each bar's parameter count; False when nothing is there to plot."""
-    groups = [g for g in results.groups if g.results]
+    groups, metric, means, stds = _bar_values(results)
     if not groups:
         return False
     plt = _pyplot()
-    metric = results.metric
-    means = [mean_std(g.scores(metric))[0] for g in groups]
-    stds = [mean_std(g.scores(metric))[1] or 0.0 for g in groups]
     fig, ax = plt.subplots(figsize=(1.4 * len(groups) + 2, 3.8))
     ax.bar([g.label for g in groups], means, yerr=stds, capsize=6,
            color=["tab:orange" if g.label.startswith(("dual", "d2")) else "tab:gray" for g in groups])
@@ -262,13 +267,10 @@ def plot_comparison(results: ExperimentResults, path: Path) -> bool:
 
 def plot_ablation(results: ExperimentResults, path: Path) -> bool:
     """Horizontal bars per variant (mean ± std over seeds), with the first variant as a reference line."""
-    groups = [g for g in results.groups if g.results]
+    groups, metric, means, stds = _bar_values(results)
     if not groups:
         return False
     plt = _pyplot()
-    metric = results.metric
-    means = [mean_std(g.scores(metric))[0] for g in groups]
-    stds = [mean_std(g.scores(metric))[1] or 0.0 for g in groups]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(groups) + 1.5))
     y = range(len(groups))
     ax.barh(y, means, xerr=stds, capsize=4, color=["lightgray" if g.same_as else "tab:orange" for g in groups],
