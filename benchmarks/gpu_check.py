@@ -11,8 +11,9 @@
 2. Training step, bf16 autocast over bf16 random-weight LLaMAs at SmolLM2-135M, Llama-3.2-1B and Llama-3-8B widths
    (8B: 4 decoder layers), all seven linear types adapted at r = 16, batch x sequence 8 x 512 and 1 x 2048,
    gradient checkpointing off and on: median time of --steps steps after two warm-up steps and peak memory, each
-   method on a fresh model, as ratios against peft's LoRA in the same run. Cases run in order of importance; those
-   the time budget leaves out are listed as skipped.
+   method on a fresh model, as ratios against peft's LoRA in the same run; first, at Llama-3-8B widths on a 4-bit
+   NF4 base (bitsandbytes, double quantization, bf16 compute), QLoRA against QDual and QD2. Cases run in order of
+   importance; those the time budget leaves out are listed as skipped.
 3. A profiler table of the top kernels of one Llama-3-8B decoder layer, Dual LoRA against LoRA.
 
 Writes DIR/gpu_check.json (the device, torch/CUDA/driver versions, every figure) and DIR/gpu_check.md (tables, and
@@ -22,6 +23,7 @@ the targets with whether each holds, and where one is missed, by how much and wh
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -33,16 +35,18 @@ from pathlib import Path
 import torch
 
 from gpu_correctness import run_checks
-from gpu_speed import METHODS, MODELS, StepCase, measure, profile_layer, release
+from gpu_speed import METHODS, MODELS, QUANTIZED_METHODS, StepCase, measure, profile_layer, release
 from gpu_report import markdown, targets
 
 GPU_PLAN = {"correctness": {"out_features": 14336, "in_features": 4096, "tokens": 2048},
             "profile": ("llama-3-8b", 4096),
+            "quantized_cases": [StepCase("llama-3-8b", 1, 2048, ckpt, quantized=True) for ckpt in (False, True)],
             "cases": [StepCase(m, b, s, ckpt) for ckpt in (False, True) for m in ("llama-3.2-1b", "llama-3-8b",
                                                                                   "smollm2-135m")
                       for b, s in ((8, 512), (1, 2048))]}
 DRY_PLAN = {"correctness": {"out_features": 96, "in_features": 64, "tokens": 48},
             "profile": ("toy", 64),
+            "quantized_cases": [StepCase("toy", 1, 64, True, quantized=True)],
             "cases": [StepCase("toy", b, s, ckpt) for ckpt in (False, True) for b, s in ((2, 32), (1, 64))]}
 
 
@@ -90,20 +94,24 @@ def run(plan: dict, device: str, budget_s: float, steps: int, methods: list[str]
     else:
         skipped.append("profile")
     steps_measured = []
-    for case in plan["cases"]:
-        for method in methods:
-            if out_of_time():
-                skipped.append(f"{case.label} {method}")
-                continue
-            try:
-                steps_measured.append(measure(case, method, device, steps))
-                release(device)
-                r = steps_measured[-1]
-                print(f"{case.label:28s} {method:15s} {r['step_seconds'] * 1e3:9.1f} ms {r['peak_mib']:9.0f} MiB",
-                      flush=True)
-            except torch.OutOfMemoryError as err:
-                steps_measured.append({"case": case.label, **case.__dict__, "method": method, "error": str(err)[:200]})
-                release(device)
+    # the 4-bit rows first: few, and the only measurement of QLoRA against QDual
+    quantized = [(case, m) for case in plan["quantized_cases"] for m in QUANTIZED_METHODS if m in methods]
+    if quantized and importlib.util.find_spec("bitsandbytes") is None:
+        skipped += [f"{case.label} {m} (bitsandbytes is not installed)" for case, m in quantized]
+        quantized = []
+    for case, method in quantized + [(case, m) for case in plan["cases"] for m in methods]:
+        if out_of_time():
+            skipped.append(f"{case.label} {method}")
+            continue
+        try:
+            steps_measured.append(measure(case, method, device, steps))
+            release(device)
+            r = steps_measured[-1]
+            print(f"{case.label:28s} {method:15s} {r['step_seconds'] * 1e3:9.1f} ms {r['peak_mib']:9.0f} MiB",
+                  flush=True)
+        except torch.OutOfMemoryError as err:
+            steps_measured.append({"case": case.label, **case.__dict__, "method": method, "error": str(err)[:200]})
+            release(device)
     return {"checks": checks, "profile": profile, "step_results": steps_measured, "skipped": skipped,
             "seconds": time.monotonic() - started}
 

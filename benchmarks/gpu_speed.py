@@ -23,6 +23,7 @@ MODELS = {
     "toy": (64, 160, 2, 4, 2, 256),  # the dry run's
 }
 METHODS = ("full", "lora", "lora-2r", "dora", "hira", "dual", "dual-bf16-grad", "d2")
+QUANTIZED_METHODS = ("lora", "dual", "d2")  # on a 4-bit base: QLoRA, QDual, QD2
 RANK = 16
 
 
@@ -45,8 +46,25 @@ def method_config(method: str):
     }[method]()
 
 
-def build(model_name: str, method: str, device: str, checkpointing: bool):
-    """A fresh random-weight LLaMA in bf16 on ``device`` with the method applied, and its AdamW."""
+def quantize_linears(model) -> None:
+    """Every linear of the decoder layers as bitsandbytes' NF4 ``Linear4bit`` with double quantization and bf16
+    compute, as ``BitsAndBytesConfig(load_in_4bit=True, ...)`` loads them, without a checkpoint on disk."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for name, linear in list(layer.named_modules()):
+            if isinstance(linear, torch.nn.Linear):
+                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                              compute_dtype=torch.bfloat16, quant_type="nf4",
+                                              compress_statistics=True, device="meta")
+                quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                                     compress_statistics=True).to(linear.weight.device)
+                layer.set_submodule(name, quantized)
+
+
+def build(model_name: str, method: str, device: str, checkpointing: bool, quantize: bool = False):
+    """A fresh random-weight LLaMA in bf16 on ``device`` (its linears 4-bit with ``quantize``) with the method
+    applied, and its AdamW."""
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -56,6 +74,8 @@ def build(model_name: str, method: str, device: str, checkpointing: bool):
     torch.manual_seed(0)
     with torch.device(device):  # initialise where it runs: a 1B model's random init on the CPU takes seconds
         model = LlamaForCausalLM(config).to(torch.bfloat16)
+    if quantize:
+        quantize_linears(model)
     peft_config = method_config(method)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
@@ -104,15 +124,16 @@ class StepCase:
     batch: int
     seq: int
     checkpointing: bool
+    quantized: bool = False  # the decoder's linears 4-bit NF4 (QLoRA's base)
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.batch}x{self.seq}{' ckpt' if self.checkpointing else ''}"
+        return f"{self.model}{' nf4' if self.quantized else ''} {self.batch}x{self.seq}{' ckpt' if self.checkpointing else ''}"
 
 
 def measure(case: StepCase, method: str, device: str, steps: int) -> dict:
     """One method's step time and peak memory on a fresh model (freed when this returns: see :func:`release`)."""
-    model, optimizer, trainable = build(case.model, method, device, case.checkpointing)
+    model, optimizer, trainable = build(case.model, method, device, case.checkpointing, case.quantized)
     vocab = MODELS[case.model][5]
     ids = torch.randint(0, vocab, (case.batch, case.seq), generator=torch.Generator().manual_seed(0)).to(device)
 

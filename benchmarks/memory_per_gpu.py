@@ -72,6 +72,13 @@ class Shape:
         return self.hidden // self.heads * self.kv_heads
 
 
+LLAMA3_8B = Shape("Llama-3-8B", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256)
+LLAMA3_70B = Shape("Llama-3-70B", hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256)
+QUANTIZED_SHAPES = (LLAMA3_8B, LLAMA3_70B)
+QUANTIZED_METHODS = ("qlora", "qdual")
+QUANTIZED_LABELS = {"qlora": "QLoRA (peft LoRA, 4-bit base)", "qdual": "QDual (Dual LoRA, 4-bit base)"}
+GPU_SIZES_GB = (24, 80)  # one consumer / one data-centre GPU, in GB (10^9 bytes) as sold
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes; 8-bit absmax per 64; fp32 per 256 absmax
 LLAMA2_7B = Shape("LLaMA-2-7B", hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
 LLAMA2_70B = Shape("LLaMA-2-70B", hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=32000)
 SHAPES = (LLAMA2_7B, LLAMA2_70B)
@@ -261,6 +268,68 @@ def dual_transient_bytes(s: Shape, block_bytes: int, matrices: int = DUAL_TRANSI
     return matrices * max(block_rows(o, i, block_bytes) * i * FP32 for _, o, i in linear_shapes(s))
 
 
+# ----------------------------------------------------------------------------------------------- 4-bit bases
+def quantized_weights_bytes(s: Shape, unquantized_bytes: int = FP32) -> float:
+    """A 4-bit NF4 base with double quantization (QLoRA's), on one GPU: the seven linears of every layer at
+    ``0.5 + 1/64 + 4/(64 * 256)`` bytes per weight (two codes per byte; one 8-bit absmax per block of 64; one fp32
+    scale per 256 absmax), and everything bitsandbytes leaves unquantized (embedding, LM head, norms) at
+    ``unquantized_bytes`` each: 4 after ``prepare_model_for_kbit_training``, which upcasts them to fp32."""
+    linear = s.layers * sum(o * i for _, o, i in linear_shapes(s))
+    return NF4_BYTES_PER_PARAM * linear + unquantized_bytes * (model_params(s) - linear)
+
+
+def dequantized_transient_bytes(s: Shape, method: str, block_bytes: int) -> int:
+    """What reading a 4-bit ``W0`` costs beyond the packed weight, one layer at a time:
+
+    - QLoRA: bitsandbytes' Linear4bit dequantizes the whole weight to the bf16 compute dtype in forward and again in
+      backward: ``2 * max(out * in)``;
+    - QDual: ``W0`` is dequantized one row block at a time into the block the memory-efficient Function builds
+      anyway (:func:`dual_transient_bytes` counts it), so nothing more.
+    """
+    if method == "qlora":
+        return BF16 * max(o * i for _, o, i in linear_shapes(s))
+    return 0
+
+
+def quantized_row(s: Shape, method: str, *, r: int = 16, micro_batch: int = 1, seq: int = 2048,
+                  checkpointing: bool = True, block_mib: float = 16, lora_input_copy: str = "bf16",
+                  unquantized_bytes: int = FP32) -> dict:
+    """One GPU, a 4-bit base: every component in bytes, as :func:`memory_row`, with the base's weights at 4 bits and
+    the dequantization transients; the adapter's state and the activations as on a bf16 base."""
+    tokens, lora = micro_batch * seq, "lora" if method == "qlora" else "dual"
+    parts = {
+        "weights": quantized_weights_bytes(s, unquantized_bytes),
+        "trainable_state": trainable_state_bytes(s, 1, lora, r),
+        "activations": activation_bytes(s, lora, tokens, checkpointing),
+        "lora_extra_activations": (lora_extra_activation_bytes(s, r, tokens, checkpointing, lora_input_copy)
+                                   if lora == "lora" else 0),
+        "dual_transients": dual_transient_bytes(s, int(block_mib * MIB)) if lora == "dual" else 0,
+        "dequantized_transients": dequantized_transient_bytes(s, method, int(block_mib * MIB)),
+    }
+    parts = {k: float(v) for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return {"model": s.name, "method": method, "gpus": 1, "base": "nf4", "bytes": parts,
+            "gib": {k: round(v / GIB, 4) for k, v in parts.items()},
+            "fits": {f"{size} GB": parts["total"] <= size * 1e9 for size in GPU_SIZES_GB}}
+
+
+def quantized_markdown(rows: list[dict], args) -> str:
+    lines = [f"One GPU, 4-bit NF4 base with double quantization (QLoRA's), all 7 linears adapted, r={args.r}, "
+             f"micro-batch {args.micro_batch} x {args.seq} tokens, checkpointing {'on' if args.checkpointing else 'off'}, "
+             f"embedding, head and norms in {'fp32 (prepare_model_for_kbit_training)' if args.unquantized_bytes == 4 else 'bf16'}; "
+             "a GPU of 24 or 80 GB (10^9 bytes) holds the total or not (the CUDA context, ~0.5 GB, and fragmentation "
+             "not counted).", "",
+             "| model | method | weights | adapter + AdamW | activations | transients | total (GiB) | 24 GB | 80 GB |",
+             "|" + " --- |" * 9]
+    for row in rows:
+        g = row["gib"]
+        transients = g["lora_extra_activations"] + g["dual_transients"] + g["dequantized_transients"]
+        lines.append(f"| {row['model']} | {QUANTIZED_LABELS[row['method']]} | {g['weights']:.1f} | "
+                     f"{g['trainable_state']:.2f} | {g['activations']:.2f} | {transients:.2f} | {g['total']:.1f} | "
+                     + " | ".join("fits" if row["fits"][f"{n} GB"] else "no" for n in GPU_SIZES_GB) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------- rows
 def memory_row(s: Shape, method: str, gpus: int, *, r: int = 16, micro_batch: int = 1, seq: int = 2048,
                checkpointing: bool = True, block_mib: float = 16, lora_input_copy: str = "bf16",
@@ -353,9 +422,16 @@ def main(argv: list[str] | None = None) -> None:
                              "none (adapters in the activation dtype)")
     parser.add_argument("--full-grad-bytes", type=int, default=BF16, choices=(BF16, FP32),
                         help="full fine-tuning's gradient bytes per parameter (2: 16 B/param in all, 4: 18)")
+    parser.add_argument("--unquantized-bytes", type=int, default=FP32, choices=(BF16, FP32),
+                        help="4-bit bases: bytes per weight of what stays unquantized (embedding, head, norms); 4 after "
+                             "prepare_model_for_kbit_training, 2 without it")
     parser.add_argument("--output-dir", default=str(DOCS))
     args = parser.parse_args(argv)
     rows = all_rows(args)
+    quantized = [quantized_row(s, m, r=args.r, micro_batch=args.micro_batch, seq=args.seq,
+                               checkpointing=args.checkpointing, block_mib=args.block_mib,
+                               lora_input_copy=args.lora_input_copy, unquantized_bytes=args.unquantized_bytes)
+                 for s in QUANTIZED_SHAPES for m in QUANTIZED_METHODS]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "memory_per_gpu"
@@ -363,9 +439,11 @@ def main(argv: list[str] | None = None) -> None:
                        "dual_block_rows": {n: block_rows(o, i, int(args.block_mib * MIB)) for n, o, i in linear_shapes(s)}}
               for s in SHAPES}
     payload = {"args": vars(args), "caption": caption(args), "assumptions": __doc__.split("Assumptions")[1].strip(),
-               "models": models, "rows": rows}
+               "models": models, "rows": rows,
+               "quantized_models": {s.name: {**asdict(s), "params": model_params(s)} for s in QUANTIZED_SHAPES},
+               "quantized_rows": quantized}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    table = markdown(rows, args)
+    table = markdown(rows, args) + "\n" + quantized_markdown(quantized, args)
     stem.with_suffix(".md").write_text(table)
     plot(rows, stem.with_suffix(".png"), f"Memory per GPU, r={args.r}, {args.micro_batch}x{args.seq} tokens, "
          f"checkpointing {'on' if args.checkpointing else 'off'}")

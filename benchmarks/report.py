@@ -13,12 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = [
     ("Training step, SmolLM2-135M, float32", "train_step_smollm2_fp32"),
     ("Training step, SmolLM2-135M, bf16 autocast", "train_step_smollm2_bf16"),
+    ("Training step, SmolLM2-135M on a 4-bit NF4 base: QLoRA, QDoRA, QDual, QD2", "train_step_smollm2_fp32_4bit"),
     ("Training step, MiniLM, float32", "train_step_minilm_fp32"),
     ("One layer, against the cost model", "one_layer"),
     ("Large layers in row blocks (LLaMA-7B MLP shapes)", "large_layer"),
     ("Inference, SmolLM2-135M", "inference_smollm2"),
     ("Growth with rank and sequence length, SmolLM2-135M", "growth_smollm2"),
-    ("Memory per GPU at scale, LLaMA-2 7B and 70B (arithmetic model)", "memory_per_gpu"),
+    ("Memory per GPU at scale (LLaMA-2 7B and 70B), and on one GPU with a 4-bit base (Llama-3 8B and 70B): "
+     "arithmetic model", "memory_per_gpu"),
 ]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

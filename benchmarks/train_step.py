@@ -5,10 +5,12 @@ measured in the same run, with the performance targets checked.
     python benchmarks/train_step.py --model smollm2 --precision bf16
     python benchmarks/train_step.py --model minilm --batch 16             # MiniLM all-linear, 16 x 128
     python benchmarks/train_step.py --model tiny --steps 2                # smoke test (a tiny random LLaMA)
+    python benchmarks/train_step.py --model smollm2 --quantize 4bit       # QLoRA, QDoRA, QDual, QD2 on an NF4 base
 
 Writes ``docs/bench/train_step_<model>_<precision>.json``, ``.md`` and ``.png`` (``--replot`` redraws the last two
 from the JSON). Time is the median of ``--steps`` steps after
-one warm-up step; memory is the peak resident set size during the measured steps (``torch.cuda.max_memory_allocated``
+one warm-up step; with ``--quantize`` every method trains on the same bitsandbytes-quantized base (NF4 with double
+quantization, or LLM.int8()), prepared as QLoRA prepares it, and the file names end in ``_4bit`` / ``_8bit``; memory is the peak resident set size during the measured steps (``torch.cuda.max_memory_allocated``
 on a GPU). Timings on a shared CPU vary by about 15 % between runs: compare ratios from one run.
 """
 
@@ -29,6 +31,7 @@ METHODS = ("lora", "lora-2r", "dora", "dual", "dual-eager", "dual-bf16-grad", "d
 # methods that are another method run with an environment setting: dual-eager is dual without torch.compile, so
 # that the compiled kernels' share of time and memory (the compiler's runtime included) can be read off
 ENVIRONMENT = {"dual-eager": {"DUALLORA_COMPILE": "0"}}
+QUANTIZED_METHODS = ("lora", "dora", "dual", "d2")  # QLoRA, QDoRA, QDual, QD2: each against QLoRA
 TARGETS = [  # (method, metric, against, bound, description)
     ("dual", "peak_mib", "lora", 0.85, "Dual LoRA peak memory <= 0.85x LoRA"),
     ("dual", "step_seconds", "lora", 1.15, "Dual LoRA step time <= 1.15x LoRA"),
@@ -88,21 +91,35 @@ class PeakRss:
         self._thread.join()
 
 
-def load_model(name: str):
-    """(model, task_type, vocab size) for a benchmark model."""
+def load_model(name: str, quantize: str | None = None):
+    """(model, task_type) for a benchmark model; ``quantize`` loads it 4-bit or 8-bit, prepared for k-bit training."""
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-    from duallora.app.models import minilm_path, smollm2_path
+    from duallora.app.models import minilm_path, quantization_config, smollm2_path
 
+    extra = {} if quantize is None else {"quantization_config": quantization_config(quantize, torch.float32)}
     if name == "smollm2":
-        return AutoModelForCausalLM.from_pretrained(smollm2_path()), "CAUSAL_LM"
-    if name == "minilm":
-        return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=4), "SEQ_CLS"
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
-    return LlamaForCausalLM(config), "CAUSAL_LM"
+        model, task_type = AutoModelForCausalLM.from_pretrained(smollm2_path(), **extra), "CAUSAL_LM"
+    elif name == "minilm":
+        model, task_type = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=4,
+                                                                              **extra), "SEQ_CLS"
+    else:
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
+        model, task_type = LlamaForCausalLM(config), "CAUSAL_LM"
+        if quantize is not None:  # bitsandbytes quantizes while loading: through a checkpoint
+            with tempfile.TemporaryDirectory() as path:
+                model.save_pretrained(path)
+                model = LlamaForCausalLM.from_pretrained(path, **extra)
+    if quantize is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, task_type
 
 
 def measure(method: str, args) -> dict:
@@ -110,7 +127,7 @@ def measure(method: str, args) -> dict:
     from peft import get_peft_model
 
     torch.manual_seed(0)
-    model, task_type = load_model(args.model)
+    model, task_type = load_model(args.model, args.quantize)
     config = adapter_config(method, args.r, task_type)
     if config is not None:
         model = get_peft_model(model, config)
@@ -162,7 +179,9 @@ def markdown(payload: dict) -> str:
     a = payload["args"]
     results = {r["method"]: r for r in payload["results"]}
     lora = results.get("lora", payload["results"][0])
-    lines = [f"{a['model']}, all linear layers, r={a['r']}, batch {a['batch']}x{a['seq']}, {a['precision']}, AdamW; "
+    base = {None: "", "4bit": " on its NF4 4-bit base (QLoRA's: lora is QLoRA, dora QDoRA)",
+            "8bit": " on its LLM.int8() 8-bit base"}[a.get("quantize")]
+    lines = [f"{a['model']}{base}, all linear layers, r={a['r']}, batch {a['batch']}x{a['seq']}, {a['precision']}, AdamW; "
              f"median of {a['steps']} steps after a warm-up step; one process per method; {payload['device']}.", "",
              "| method | trainable | step time | vs LoRA | peak memory | vs LoRA |", "| --- | --- | --- | --- | --- | --- |"]
     for r in payload["results"]:
@@ -201,7 +220,8 @@ def plot(payload: dict, path: Path) -> None:
         ax.tick_params(axis="x", rotation=30)
         ax.legend(fontsize=8, loc="upper left")
     a = payload["args"]
-    fig.suptitle(f"Training step, {a['model']}, r={a['r']}, batch {a['batch']}x{a['seq']}, {a['precision']}")
+    base = f", {a['quantize']} base" if a.get("quantize") else ""
+    fig.suptitle(f"Training step, {a['model']}{base}, r={a['r']}, batch {a['batch']}x{a['seq']}, {a['precision']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -217,7 +237,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm", "tiny"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", help=f"comma-separated, from {METHODS} (default: all; with --quantize: "
+                                          f"{','.join(QUANTIZED_METHODS)})")
+    parser.add_argument("--quantize", choices=["4bit", "8bit"],
+                        help="train every method on the same bitsandbytes-quantized base")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -227,7 +250,11 @@ def main() -> None:
                         help="redraw the table and plot from the JSON of an earlier run of these options")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    stem = Path(args.output_dir) / f"train_step_{args.model}_{args.precision}"
+    args.methods = args.methods or ",".join(QUANTIZED_METHODS if args.quantize else METHODS)
+    if args.quantize and "full" in args.methods.split(","):
+        parser.error("full fine-tuning cannot train a quantized base: drop it from --methods")
+    suffix = f"_{args.quantize}" if args.quantize else ""
+    stem = Path(args.output_dir) / f"train_step_{args.model}_{args.precision}{suffix}"
     if args.replot:
         write_outputs(json.loads(stem.with_suffix(".json").read_text()), stem)
         return
@@ -243,7 +270,8 @@ def main() -> None:
     results = []
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--child", method] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "methods", "output_dir", "replot")]
+            f"--{k}={v}" for k, v in vars(args).items()
+            if k not in ("child", "methods", "output_dir", "replot") and v is not None]
         out = subprocess.run(cmd, capture_output=True, text=True,
                              env={**os.environ, **ENVIRONMENT.get(method, {})})
         if out.returncode != 0:

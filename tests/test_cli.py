@@ -314,3 +314,52 @@ def test_files_written_atomically_have_the_permissions_open_gives(tmp_path):
     atomic_write_text(tmp_path / "metrics.json", "{}")
     (tmp_path / "plain.json").write_text("{}")
     assert os.stat(tmp_path / "metrics.json").st_mode == os.stat(tmp_path / "plain.json").st_mode
+
+
+def test_quantize_trains_on_a_4bit_base_and_merge_writes_a_dense_model(tiny_checkpoints, bigbench_env, tmp_path):
+    """`--quantize 4bit`: the base loads as bitsandbytes' Linear4bit, the adapter trains and is saved alone, and
+    `duallora merge` writes a dense checkpoint (merge_and_dequantize) with the adapted model's outputs."""
+    out, merged = tmp_path / "qdual", tmp_path / "merged"
+    assert main(["train", "--method", "dual", "--quantize", "4bit", "--model", str(tiny_checkpoints["llama"]),
+                 "--task", "strategyqa", "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4",
+                 "--max-length", "48", "--max-eval-examples", "4", "--warmup-steps", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["quantize"] == "4bit" and metrics["steps"] == 3 and "accuracy" in metrics["test"]
+    assert all(loss == loss for loss in metrics["losses"])
+    from duallora.app.train import load_trained
+
+    model, tokenizer, _, cfg = load_trained(out)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer.base_layer).__name__ == "Linear4bit" and int(layer.dual_lora_step["default"]) == 3
+    assert main(["merge", "--adapter", str(out), "--output", str(merged)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert type(dense.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert getattr(dense.config, "quantization_config", None) is None
+    ids = tokenizer(["is the sky blue"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert_float32_close(dense(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_quantize_refuses_full_fine_tuning_and_unknown_bit_widths(tiny_checkpoints, tiny_csv, tmp_path, capsys):
+    for argv, message in (
+            (["--method", "full", "--quantize", "4bit"], "--quantize freezes the base in 4 or 8 bits, which full "
+                                                        "fine-tuning would train"),
+            (["--method", "dual", "--quantize", "3bit"], "--quantize must be one of ['4bit', '8bit']; got '3bit'")):
+        assert main(["train", *argv, *run_args(tiny_checkpoints, tiny_csv, tmp_path / "q")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_quantize_4bit_on_smollm2(bigbench_env, tmp_path):
+    """The README's QLoRA-style command on the embedded SmolLM2-135M (its widths are whole 4-bit blocks: the
+    row-block dequantization runs), a few steps on the test-sized task archive."""
+    out = tmp_path / "smollm2-qdual"
+    assert main(["train", "--method", "dual", "--quantize", "4bit", "--model", "smollm2", "--task", "strategyqa",
+                 "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--max-length", "48",
+                 "--max-eval-examples", "4", "--warmup-steps", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["quantize"] == "4bit" and all(loss == loss for loss in metrics["losses"])
+    assert (out / "adapter_model.safetensors").stat().st_size < 20 * 2**20  # the adapter alone, not the base

@@ -180,4 +180,27 @@ def test_script_writes_json_table_and_plot(tmp_path):
     table = (tmp_path / "memory_per_gpu.md").read_text()
     assert "| model | GPUs | full | LoRA | Dual LoRA | Dual / LoRA |" in table
     assert sum(line.startswith("| LLaMA-2-") for line in table.splitlines()) == 14
+    assert sum(line.startswith("| Llama-3-") for line in table.splitlines()) == 2 * 2  # 8B, 70B x QLoRA, QDual
+    assert len(payload["quantized_rows"]) == 4 and all(set(r["fits"]) == {"24 GB", "80 GB"}
+                                                       for r in payload["quantized_rows"])
     assert (tmp_path / "memory_per_gpu.png").stat().st_size > 10_000
+
+
+def test_a_4bit_base_counts_nf4_codes_their_two_level_scales_and_the_upcast_remainder():
+    """Llama-3-8B by hand: 6,979,321,856 weights in the seven linears of its 32 layers (per layer 2 * 4096^2 +
+    2 * 1024 * 4096 + 3 * 14336 * 4096), at half a byte plus one byte per 64 plus 4 bytes per 64 * 256; the other
+    1,050,939,392 (embedding and head 128256 x 4096 each, 65 norms of 4096) at 4 bytes after
+    prepare_model_for_kbit_training. QLoRA additionally dequantizes the widest linear (14336 x 4096) to bf16."""
+    s = mem.LLAMA3_8B
+    linear = 32 * (2 * 4096**2 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
+    assert linear == 6_979_321_856 and mem.model_params(s) - linear == 1_050_939_392
+    assert mem.quantized_weights_bytes(s) == linear * (0.5 + 1 / 64 + 4 / 16384) + 1_050_939_392 * 4
+    assert mem.quantized_weights_bytes(s, unquantized_bytes=2) == linear * (0.5 + 1 / 64 + 4 / 16384) + 1_050_939_392 * 2
+    assert mem.dequantized_transient_bytes(s, "qlora", 16 * 2**20) == 2 * 14336 * 4096
+    assert mem.dequantized_transient_bytes(s, "qdual", 16 * 2**20) == 0
+    qlora, qdual = mem.quantized_row(s, "qlora"), mem.quantized_row(s, "qdual")
+    assert qlora["bytes"]["trainable_state"] == qdual["bytes"]["trainable_state"] == 16 * 32 * 16 * (
+        2 * (4096 + 4096) + 2 * (1024 + 4096) + 3 * (14336 + 4096))
+    for row in (qlora, qdual):
+        assert row["bytes"]["total"] == sum(v for k, v in row["bytes"].items() if k != "total")
+        assert row["fits"] == {"24 GB": row["bytes"]["total"] <= 24e9, "80 GB": row["bytes"]["total"] <= 80e9}

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import MODELS, METHODS, adapted, assert_float32_close, model_output, tiny_llama, trained_like
+from conftest import (FLOAT32_REORDER_RTOL, METHODS, MODELS, adapted, assert_float32_close, model_output,
+                      tiny_llama, trained_like)
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -298,7 +299,7 @@ def test_saved_adapter_loads_in_a_new_process(method, tmp_path, inputs):
 
     model = adapted("llama", method)
     model.save_pretrained(tmp_path / "adapter")
-    model.eval()  # as the loaded one: the same (eager) path builds W, so outputs must be bitwise equal
+    model.eval()  # as the loaded one: both build W through the eval cache (compiled kernels compiled per process)
     with torch.no_grad():
         torch.save(model_output(model, inputs), tmp_path / "expected.pt")
     torch.save(inputs, tmp_path / "inputs.pt")
@@ -311,7 +312,8 @@ from peft import PeftModel
 model = PeftModel.from_pretrained(tiny_llama(), {str(tmp_path / 'adapter')!r})
 with torch.no_grad():
     out = model(torch.load({str(tmp_path / 'inputs.pt')!r})).logits
-assert torch.equal(out, torch.load({str(tmp_path / 'expected.pt')!r}))
+expected = torch.load({str(tmp_path / 'expected.pt')!r})
+assert (out - expected).abs().max() <= {FLOAT32_REORDER_RTOL!r} * expected.abs().max(), (out - expected).abs().max()
 print("same outputs", type(model.peft_config["default"]).__name__)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -36,7 +36,10 @@ HELP = {
     "epochs": "passes over the training set (ignored with --max-steps)", "max_steps": "optimizer steps to take",
     "batch_size": "examples per micro-batch (per process)", "grad_accum": "micro-batches per optimizer step",
     "max_length": "tokens per example (longer inputs are truncated)", "seed": "random seed of init and data order",
-    "bf16": "bfloat16 autocast", "gradient_checkpointing": "recompute activations in backward to save memory",
+    "bf16": "bfloat16 autocast",
+    "quantize": "'4bit' (NF4 with double quantization, QLoRA's) or '8bit' (LLM.int8()): the frozen base, quantized "
+                "by bitsandbytes (pip install 'duallora[quantized]')",
+    "gradient_checkpointing": "recompute activations in backward to save memory",
     "eval_every": "evaluate on the validation split every N steps", "save_every": "checkpoint every N steps",
     "lr_warmup_ratio": "fraction of steps of linear learning-rate warm-up", "weight_decay": "AdamW weight decay",
     "target_modules": "modules to adapt: 'all-linear' or a comma-free regex", "dropout": "lora_dropout",
@@ -121,7 +124,7 @@ def cmd_eval(args) -> None:
     examples = task.split(args.split)[: args.max_examples]
     scores = {"unmerged": evaluate(model, tokenizer, task, examples, cfg.max_length)}
     if args.merged and cfg.method != "full":
-        scores["merged"] = evaluate(model.merge_and_unload(), tokenizer, task, examples, cfg.max_length)
+        scores["merged"] = evaluate(merged_model(model, cfg), tokenizer, task, examples, cfg.max_length)
     print(f"{args.adapter}: {cfg.method} on {cfg.model} / {task.name}, {args.split} split, {len(examples)} examples")
     for name, values in scores.items():
         print(f"  {name:9s} " + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float)))
@@ -150,6 +153,19 @@ def cmd_compare(args) -> None:
     print(f"Results: {out / 'results.json'}, table results.md, plot results.png, each run's in results/")
 
 
+def merged_model(model, cfg, safe_merge: bool = False):
+    """The adapter merged into its base; on a quantized base a dense model (the merge unrounded, not quantized
+    again): ``merge_and_dequantize`` for Dual LoRA and D2-LoRA, peft's merge then transformers' dequantize for
+    LoRA/DoRA."""
+    if cfg.quantize is None:
+        return model.merge_and_unload(safe_merge=safe_merge)
+    if cfg.method in ("dual", "d2"):
+        return model.merge_and_dequantize(safe_merge=safe_merge)
+    merged = model.merge_and_unload(safe_merge=safe_merge)
+    merged.dequantize()
+    return merged
+
+
 def cmd_merge(args) -> None:
     from .run_files import atomic_dir
     from .train import load_trained
@@ -158,7 +174,7 @@ def cmd_merge(args) -> None:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it.")
     model, tokenizer, _, cfg = load_trained(args.adapter)
-    plain = model if cfg.method == "full" else model.merge_and_unload(safe_merge=True)
+    plain = model if cfg.method == "full" else merged_model(model, cfg, safe_merge=True)
     def write(directory: Path) -> None:
         plain.save_pretrained(directory)
         tokenizer.save_pretrained(directory)

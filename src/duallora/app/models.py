@@ -91,18 +91,34 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def load_model(path: Path, kind: str, num_labels: int | None, tokenizer):
-    """The right head for the task kind: sequence classification, or a causal LM for choices and generation."""
+def quantization_config(quantize: str | None, compute_dtype):
+    """bitsandbytes' config for ``--quantize``: QLoRA's NF4 with double quantization, or LLM.int8()."""
+    if quantize is None:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError("--quantize needs bitsandbytes: pip install 'duallora[quantized]'.")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(path: Path, kind: str, num_labels: int | None, tokenizer, quantization=None):
+    """The right head for the task kind: sequence classification, or a causal LM for choices and generation;
+    ``quantization`` (a BitsAndBytesConfig) loads the base quantized."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    extra = {} if quantization is None else {"quantization_config": quantization}
     try:
         if kind == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool at the last non-pad token
             return model
         config = AutoConfig.from_pretrained(path)
         if getattr(config, "is_decoder", False) is False and config.model_type in ("bert", "roberta", "deberta-v2"):
             raise ValueError(f"{kind} tasks need a causal language model (e.g. --model smollm2); {path} is an encoder.")
-        return AutoModelForCausalLM.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path, **extra)
     except OSError as err:
         raise ValueError(f"Could not load model {str(path)!r}: {err}. Pass {list(MODEL_NAMES)} or a local directory.") from err

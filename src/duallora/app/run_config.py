@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 METHODS = ("dual", "d2", "lora", "dora", "full")
+QUANTIZATIONS = ("4bit", "8bit")
 
 
 # What may change when a run is resumed: its step budget and its evaluation and checkpoint cadence. Anything else
@@ -43,6 +44,7 @@ class RunConfig:
     seed: int = 0
     bf16: bool = False
     gradient_checkpointing: bool = False
+    quantize: Optional[str] = None  # "4bit" (NF4, QLoRA's) or "8bit" (LLM.int8()): the frozen base, with bitsandbytes
     eval_every: Optional[int] = None
     save_every: Optional[int] = None
     lr_warmup_ratio: float = 0.06
@@ -71,6 +73,11 @@ class RunConfig:
         """Ranges of the run's own flags (the adapter configs check theirs)."""
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; valid: {list(METHODS)}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"--quantize must be one of {list(QUANTIZATIONS)}; got {self.quantize!r}.")
+        if self.quantize is not None and self.method == "full":
+            raise ValueError("--quantize freezes the base in 4 or 8 bits, which full fine-tuning would train: choose "
+                             "an adapter method (dual, d2, lora, dora) or drop --quantize.")
         checks = [("--rank", self.r, self.r >= 1, ">= 1"), ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
                   ("--grad-accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
                   ("--max-length", self.max_length, self.max_length >= 8, ">= 8"),

@@ -38,14 +38,15 @@ def base_parts(cfg: RunConfig, model_path: Optional[Path] = None):
     the weights come from (a saved full fine-tuning); the tokenizer and task always follow ``cfg``."""
     from transformers import AutoConfig
 
-    from .models import load_model, load_tokenizer, resolve_model
+    from .models import load_model, load_tokenizer, quantization_config, resolve_model
 
     path = resolve_model(cfg.model)
     causal = any(a.endswith("ForCausalLM") for a in (AutoConfig.from_pretrained(path).architectures or []))
     task = load_run_task(cfg, causal)
     tokenizer = load_tokenizer(path)
     torch.manual_seed(cfg.seed)  # the head and the adapter init depend on the seed only
-    model = load_model(model_path or path, task.kind, len(task.label_names or []) or None, tokenizer)
+    quantization = quantization_config(cfg.quantize, torch.bfloat16 if cfg.bf16 else torch.float32)
+    model = load_model(model_path or path, task.kind, len(task.label_names or []) or None, tokenizer, quantization)
     return model, tokenizer, task
 
 
@@ -53,8 +54,14 @@ def build(cfg: RunConfig):
     """Model (with the adapter), tokenizer and task of a run."""
     from peft import get_peft_model
 
+    from peft import prepare_model_for_kbit_training
+
     model, tokenizer, task = base_parts(cfg)
     peft_config = adapter_config(cfg, task.kind)
+    if cfg.quantize is not None:
+        # QLoRA's recipe: the layers that stay unquantized (norms, embeddings, head) in float32 for stable training;
+        # checkpointing is switched on below, as for any run
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
     if cfg.gradient_checkpointing:

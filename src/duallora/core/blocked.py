@@ -16,6 +16,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .base_weight import WeightRows
+
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on ``x`` runs in: the autocast dtype when autocast is on, else ``x``'s own."""
@@ -23,12 +25,6 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
-
-
-def dense(w0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``W0`` in the factors' dtype and row-major. Conv1D's ``(out, in)`` view is transposed; the fused kernels are
-    given dense inputs only (a transposed input to the compiled D2 reduction gave wrong results in torch 2.13)."""
-    return w0.to(dtype).contiguous()
 
 
 @dataclass(frozen=True)
@@ -54,18 +50,20 @@ def row_blocks(rows: int, per_block: int) -> list[slice]:
     return [slice(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
 
 
-def weight_blocks(w0: torch.Tensor, factor_dtype: torch.dtype, kernel: KernelOptions,
+def weight_blocks(w0: WeightRows, factor_dtype: torch.dtype, kernel: KernelOptions,
                   whole: bool = False) -> list[slice]:
-    """The row blocks in which ``W0``'s ``out x in`` matrices are built (``whole``: one block)."""
+    """The row blocks in which ``W0``'s ``out x in`` matrices are built (``whole``: one block), each a multiple of
+    the rows ``W0`` can be read in (a quantized weight's blocks must not be split)."""
     out_features, in_features = w0.shape
     per_block = out_features if whole else kernel.rows_per_block(out_features, in_features, factor_dtype.itemsize)
-    return row_blocks(out_features, per_block)
+    multiple = w0.row_multiple
+    return row_blocks(out_features, min(out_features, max(multiple, per_block // multiple * multiple)))
 
 
-def blocked_weight(rows, blocks: list[slice], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def blocked_weight(rows, blocks: list[slice], in_features: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The whole ``out x in`` matrix, filled block by block from ``rows(s)`` and cast to ``dtype`` as each block is
     made: beside the result only one block exists at a time."""
-    weight = torch.empty(blocks[-1].stop, like.shape[1], dtype=dtype, device=like.device)
+    weight = torch.empty(blocks[-1].stop, in_features, dtype=dtype, device=device)
     for s in blocks:
         weight[s] = rows(s)
     return weight
@@ -119,8 +117,9 @@ class RowRule:
     whole: bool = False  # True: the rows are not independent (D2-LoRA's column norms), build one block
     depends_on_w0: bool = True  # False: f(W0) - W0 does not read W0 (Dual LoRA's update alone), no gradient for it
 
-    def block(self, s: slice, w0: torch.Tensor, tensors: tuple) -> Any:
-        """What the block's rows and gradients are built from (the factor products), made once per block."""
+    def block(self, s: slice, w0: WeightRows, tensors: tuple) -> Any:
+        """What the block's rows and gradients are built from (``W0``'s rows, the factor products), made once per
+        block."""
         raise NotImplementedError
 
     def rows(self, state: Any) -> torch.Tensor:
@@ -138,38 +137,40 @@ class RowRule:
 
 
 class BlockedAdapterLinear(torch.autograd.Function):
-    """``y = x f(W0)^T + b`` with ``f`` given by a :class:`RowRule`, saving ``x``, ``W0`` and ``tensors`` only.
+    """``y = x f(W0)^T + b`` with ``f`` given by a :class:`RowRule`, saving ``x`` and ``tensors`` only (``W0`` is
+    read again, one row block at a time, from ``base``: dense or quantized).
 
     Forward: one matmul per block with rows of ``f(W0)`` built on the fly. Backward, per block: rebuild the block's
     products, add ``g[:, s] f(W0)[s]`` to the input gradient, form ``G[s] = g[:, s]^T x`` and let the rule turn it
     into factor gradients. At most one block's ``out x in`` transients are alive at once; ``kernel.block_mib``
-    bounds each.
+    bounds each. ``w0`` is ``base``'s tensor when it is dense (so that autograd can ask for its gradient), else None.
     """
 
     @staticmethod
-    def forward(ctx, x, w0, bias, rule: RowRule, kernel: KernelOptions, *tensors):
+    def forward(ctx, x, w0, bias, rule: RowRule, kernel: KernelOptions, base: WeightRows, *tensors):
         compute_dtype = autocast_dtype(x)
-        blocks = weight_blocks(w0, tensors[0].dtype, kernel, whole=rule.whole)
+        blocks = weight_blocks(base, tensors[0].dtype, kernel, whole=rule.whole)
         with torch.autocast(x.device.type, enabled=False):
             y = _blocked_linear(_matrix(x).to(compute_dtype),
-                                lambda s: rule.rows(rule.block(s, w0, tensors)).to(compute_dtype),
+                                lambda s: rule.rows(rule.block(s, base, tensors)).to(compute_dtype),
                                 None if bias is None else bias.to(compute_dtype), blocks)
-        ctx.save_for_backward(x, w0, *tensors)
-        ctx.rule, ctx.kernel, ctx.blocks, ctx.has_bias, ctx.compute_dtype = rule, kernel, blocks, bias is not None, \
-            compute_dtype
+        ctx.save_for_backward(x, *tensors)
+        ctx.rule, ctx.kernel, ctx.base, ctx.blocks, ctx.has_bias, ctx.compute_dtype = \
+            rule, kernel, base, blocks, bias is not None, compute_dtype
         return y.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w0, *tensors = ctx.saved_tensors
-        rule = ctx.rule
+        x, *tensors = ctx.saved_tensors
+        rule, base = ctx.rule, ctx.base
         grad_out = grad_out.to(ctx.compute_dtype)
-        grad_w0 = torch.empty_like(w0) if ctx.needs_input_grad[1] and rule.depends_on_w0 else None
+        grad_w0 = (torch.empty(base.shape, dtype=base.tensor.dtype, device=x.device)
+                   if ctx.needs_input_grad[1] and rule.depends_on_w0 else None)
         grads = rule.gradient_buffers(tuple(tensors))
         with torch.autocast(x.device.type, enabled=False):
             work = _BlockedBackward(x, grad_out, tensors[0].dtype, ctx.kernel, ctx.needs_input_grad[0])
             for s in ctx.blocks:
-                state = rule.block(s, w0, tensors)  # rebuilt once per block, shared by the input and factor gradients
+                state = rule.block(s, base, tensors)  # rebuilt once per block, shared by the input and factor grads
                 if work.grad_x is not None:
                     work.add_input_grad(s, rule.rows(state))
                 w0_rows = rule.backward(s, work.weight_grad(s), state, tensors, grads)
@@ -177,4 +178,4 @@ class BlockedAdapterLinear(torch.autograd.Function):
                     grad_w0[s] = w0_rows
                 del state, w0_rows  # at most one block's matrices alive at once
         grad_b = _matrix(grad_out).sum(0) if (ctx.has_bias and ctx.needs_input_grad[2]) else None
-        return (work.input_grad(x), grad_w0, grad_b, None, None, *grads)
+        return (work.input_grad(x), grad_w0, grad_b, None, None, None, *grads)

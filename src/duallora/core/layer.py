@@ -22,19 +22,28 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .base_weight import BaseWeight, base_weight_of, bitsandbytes_kind
 from .blocked import KernelOptions, autocast_dtype, blocked_weight
 from .watch import fingerprint, is_sharded
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
-# packages whose Linear subclasses hold quantized weights (their layers are refused by name, not by a crash)
+# packages whose Linear subclasses hold quantized weights: bitsandbytes' two are adapted, the others refused by name
 QUANTIZATION_LIBRARIES = ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "torchao", "optimum.quanto")
+SUPPORTED = ("torch.nn.Linear and transformers' Conv1D (GPT-2) with a floating-point weight, and bitsandbytes' "
+             "Linear4bit and Linear8bitLt (4-bit and 8-bit bases)")
+
+
+def is_quantized_bitsandbytes(module: nn.Module) -> bool:
+    return bitsandbytes_kind(module) is not None
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """A Linear or Conv1D with a dense floating-point weight. Quantized layers (bitsandbytes' ``Linear4bit`` and
-    ``Linear8bitLt``, and others) subclass ``nn.Linear`` but hold packed integer weights, which are not ``W0``."""
+    """A Linear or Conv1D with a dense floating-point weight, or a bitsandbytes 4-bit / 8-bit Linear. Other
+    quantized layers (GPTQ, AWQ, HQQ, torchao) subclass ``nn.Linear`` but hold packed weights no reader here knows."""
     if not isinstance(module, SUPPORTED_LAYER_TYPES):
         return False
+    if is_quantized_bitsandbytes(module):
+        return True
     weight = getattr(module, "weight", None)
     return (isinstance(weight, torch.Tensor) and weight.is_floating_point()
             and not any(cls.__module__.startswith(QUANTIZATION_LIBRARIES) for cls in (type(module), type(weight))))
@@ -43,12 +52,11 @@ def is_adaptable(module: nn.Module) -> bool:
 def unsupported_layer_error(module: nn.Module, name: str = "") -> TypeError:
     where = f" ({name})" if name else ""
     quantized = isinstance(module, SUPPORTED_LAYER_TYPES)  # a Linear subclass refused for its weight
-    why = (" It holds a quantized weight, which Dual LoRA and D2-LoRA cannot adapt yet: load the base model "
-           "without quantization (e.g. in bfloat16)." if quantized else "")
+    why = (" It holds a quantized weight of a kind Dual LoRA and D2-LoRA cannot read: quantize the base with "
+           "bitsandbytes (BitsAndBytesConfig, 4-bit or 8-bit) or load it unquantized." if quantized else "")
     return TypeError(
         f"Target module{where} is a {type(module).__module__}.{type(module).__name__}, which cannot be adapted.{why} "
-        "Supported layer types: torch.nn.Linear and transformers' Conv1D (GPT-2) with a floating-point weight. "
-        "Choose other `target_modules`."
+        f"Supported: {SUPPORTED}. Choose other `target_modules`."
     )
 
 
@@ -66,9 +74,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # Conv1D stores (in, out); every formula here works on the (out, in) view of the weight.
-        self.transposed = isinstance(base_layer, Conv1D)
-        self.out_features, self.in_features = self.base_weight().shape
+        self.out_features, self.in_features = self.base.shape
         self.memory_efficient: dict[str, bool] = {}
         self.kernel_options: dict[str, KernelOptions] = {}
         self.eval_cache: dict[str, bool] = {}
@@ -76,6 +82,8 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         self._eval_cache: Optional[tuple[tuple, torch.Tensor]] = None
         self._sharded = False  # seen sharded once (FSDP, ZeRO-3): sticky, the eval cache stays off
         self._merge_records: dict[str, Any] = {}  # what unmerge needs, per merged adapter
+        self._unmerged_base = None  # a quantized W0 before the first merge (BaseWeight.snapshot)
+        self.rounding_error: Optional[float] = None  # a quantized base's requantization error, from the last merge
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, **layer_kwargs)
 
@@ -123,14 +131,15 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         return tuple(f.detach().float() for f in self.factors(adapter_name))
 
     # ----------------------------------------------------------------- base weight
-    def base_weight(self) -> torch.Tensor:
-        """``W0`` as ``(out, in)`` (a view for Conv1D, no copy)."""
-        w = self.base_layer.weight
-        return w.t() if self.transposed else w
+    @property
+    def base(self) -> BaseWeight:
+        """The reader of ``W0`` as ``(out, in)``, whatever the layer stores: Conv1D's ``(in, out)``, a bitsandbytes
+        layer's packed bytes. Made afresh from ``base_layer`` (cheap), so a replaced base weight is never missed."""
+        return base_weight_of(self.base_layer)
 
-    def _write_base_weight(self, w: torch.Tensor) -> None:
-        # copy_ in place: the Parameter keeps its storage, so tied weights and optimizer references stay valid
-        self.base_layer.weight.data.copy_(w.t() if self.transposed else w)
+    def base_weight(self) -> torch.Tensor:
+        """``W0`` as ``(out, in)``: a view of a dense weight (no copy), a quantized one dequantized (float32)."""
+        return self.base.whole(torch.float32)
 
     @property
     def dropouts(self) -> nn.ModuleDict:
@@ -166,7 +175,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         if self._eval_cache_applies(active):
             weight = self._cached_weight(active, autocast_dtype(x))
             return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
-        w0 = self.base_weight()
+        w0 = self.base
         dropout_on = self.training and any(not isinstance(self.dropouts[name], nn.Identity) for name in active)
         if len(active) == 1:
             name = active[0]
@@ -182,7 +191,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
                 "set lora_dropout=0 or activate a single adapter."
             )
         with torch.autocast(x.device.type, enabled=False):  # the factors' precision, as the fused path's
-            weight = w0
+            weight = w0.whole(self.factors(active[0])[0].dtype)
             for name in active:
                 weight = self.adapted_weight(name, weight)
         dtype = autocast_dtype(x)
@@ -194,6 +203,8 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         # the weight in the factors' precision, as the fused path builds it: under bf16 autocast, B A and D C in bf16
         # would flip Sign(D C) wherever |D C| is below bf16's resolution, a change of 2 |dW| there, not a rounding
         with torch.autocast(x.device.type, enabled=False):
+            # the plain path builds whole matrices (it is the reference; a quantized W0 is dequantized whole here)
+            w0 = w0.whole(self.factors(name)[0].dtype)
             weight = self.adapted_weight(name, w0)
             if not with_base:
                 weight = weight - w0.to(weight.dtype)
@@ -203,8 +214,11 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
     # ----------------------------------------------------------------- eval cache
     def _eval_cache_applies(self, active: list[str]) -> bool:
         """Reuse the adapted weight in eval mode, unless a gradient w.r.t. the factors is being asked for, the
-        config turned the cache off, or the weights are sharded (a whole copy per process would undo the sharding)."""
+        config turned the cache off, or the weights are sharded or quantized (a whole dense copy would undo the
+        sharding or the quantization)."""
         if self.training or not all(self.eval_cache[name] for name in active) or self._weights_sharded(active):
+            return False
+        if self.base.quantized:
             return False
         if not torch.is_grad_enabled():
             return True
@@ -215,7 +229,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         return self._sharded
 
     def _watched(self, active: list[str]) -> list[torch.Tensor]:
-        return [self.base_layer.weight] + [t for name in active for t in self.factor_tensors(name)]
+        return self.base.watched() + [t for name in active for t in self.factor_tensors(name)]
 
     @torch.compiler.disable  # python-side bookkeeping: keep it out of a compiled graph
     def _cached_weight(self, active: list[str], dtype: torch.dtype) -> torch.Tensor:
@@ -224,7 +238,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         # `.data`, which version counters miss) rebuilds the weight: a stale one is never served. Checking costs one
         # read of W0 and one host sync per call; building costs several out x in passes and matmuls.
         watched = self._watched(active)
-        key = (tuple(active), dtype, self.base_layer.weight.device, tuple(fingerprint(watched)))
+        key = (tuple(active), dtype, self.base.device, tuple(fingerprint(watched)))
         if self._eval_cache is None or self._eval_cache[0] != key:
             self._eval_cache = None  # free the old weight before building the new one
             self._eval_cache = (key, self._adapted_weight_no_grad(active, dtype))
@@ -234,11 +248,10 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         """``f_k(... f_1(W0))`` from float32 factors, cast to ``dtype``. One adapter is built one row block at a
         time (the ``block_mib`` bound); several compose on whole float32 matrices (each reads its predecessor)."""
         with torch.no_grad():
-            w0 = self.base_weight()
             if len(active) == 1:
-                blocks, rows = self.weight_rows(active[0], w0, self.float_factors(active[0]))
-                return blocked_weight(lambda s: rows(s).to(dtype), blocks, w0, dtype)
-            weight = w0.float()
+                blocks, rows = self.weight_rows(active[0], self.base, self.float_factors(active[0]))
+                return blocked_weight(lambda s: rows(s).to(dtype), blocks, self.in_features, self.base.device, dtype)
+            weight = self.base.full()
             for name in active:
                 weight = self.adapted_weight(name, weight, self.float_factors(name))
             return weight.to(dtype)
@@ -253,7 +266,8 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
 
     # ----------------------------------------------------------------- merge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Write ``f(W0)`` into the base weight, computed in float32 and then cast.
+        """Write ``f(W0)`` into the base weight, computed in float32 and then cast (a quantized base: quantized
+        again, with the rounding it costs in ``rounding_error``; unmerge restores the quantized weight exactly).
 
         With ``safe_merge`` nothing is written unless every factor and the merged weight are finite.
         """
@@ -271,22 +285,25 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
                     f"{'; '.join(problems)}); the base weights were left untouched. The adapter is broken: check its "
                     "training (learning rate, loss scaling)."
                 )
-        self._write_base_weight(weight)
+        if not self.merged_adapters:
+            self._unmerged_base = self.base.snapshot()  # a quantized W0 as it was: unmerge puts it back bit for bit
+        self.rounding_error = self.base.write(weight)  # None for a dense base; the requantization's for a quantized
         self._merge_records.update(records)
         self.merged_adapters.extend(adapter_names)
         self._eval_cache = None
 
     def _merged_weight(self, adapter_names: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The merged weight in the base weight's dtype, and per adapter the record its unmerge needs: a copy of the
-        factors the merge used and the method's constants (the warm-up factor, D2's unit scales)."""
+        """The merged weight in the base weight's dtype (float32 for a quantized base, which quantizes it itself),
+        and per adapter the record its unmerge needs: a copy of the factors the merge used and the method's
+        constants (the warm-up factor, D2's unit scales)."""
         records = {}
         with torch.no_grad():
-            weight = self.base_weight().float()
+            weight = self.base.full()
             for name in adapter_names:
                 copies = tuple(f.detach().clone() for f in self.factors(name))
                 weight, constants = self.merge_weight(name, weight, tuple(c.float() for c in copies))
                 records[name] = (copies, constants)
-        return weight.to(self.base_layer.weight.dtype), records
+        return weight if self.base.quantized else weight.to(self.base.dtype), records
 
     def merge_problems(self, adapter_names: Optional[list[str]] = None, merged: Optional[torch.Tensor] = None
                        ) -> list[str]:
@@ -300,26 +317,34 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         if names and not problems:
             merged = self._merged_weight(names)[0] if merged is None else merged
             if not torch.isfinite(merged).all():
-                problems.append(f"the merged weight overflows {self.base_layer.weight.dtype}")
+                problems.append(f"the merged weight overflows {self.base.dtype}")
         return problems
 
     def unmerge(self) -> None:
+        """Put ``W0`` back: a quantized one exactly as it was before the first merge; a dense one by inverting each
+        merge with the factors and constants it used (within float32 rounding, whatever trained in between)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        with torch.no_grad():
-            weight = self.base_weight().float()
-            while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                copies, constants = self._merge_records.pop(name)
-                weight = self.unmerge_weight(name, weight, tuple(c.float() for c in copies), constants)
-        self._write_base_weight(weight)
+        if self._unmerged_base is not None:
+            self.base.restore(self._unmerged_base)
+            self._unmerged_base, self.rounding_error = None, None
+            self.merged_adapters.clear()
+            self._merge_records.clear()
+        else:
+            with torch.no_grad():
+                weight = self.base.full()
+                while self.merged_adapters:
+                    name = self.merged_adapters.pop()
+                    copies, constants = self._merge_records.pop(name)
+                    weight = self.unmerge_weight(name, weight, tuple(c.float() for c in copies), constants)
+            self.base.write(weight)
         self._eval_cache = None
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``f(W0) - W0`` for one adapter, as ``(out, in)``, in float32 without gradient (for inspection)."""
         with torch.no_grad():
-            w0 = self.base_weight().float()
+            w0 = self.base.full()
             return self.adapted_weight(adapter_name, w0, self.float_factors(adapter_name)) - w0
 
     def __repr__(self) -> str:

@@ -23,9 +23,11 @@ from peft.utils.other import get_pattern_key
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from peft.tuners.tuners_utils import _ExcludedModule
 from safetensors import SafetensorError, safe_open
+import torch
 from torch import nn
 
-from .layer import AdaptedLayer, Conv1D, is_adaptable, unsupported_layer_error
+from .base_weight import base_weight_of
+from .layer import AdaptedLayer, Conv1D, is_adaptable, is_quantized_bitsandbytes, unsupported_layer_error
 
 _PEFT_KEY_PREFIX = "base_model.model."
 
@@ -39,7 +41,7 @@ class AdaptedWeightTuner(BaseTuner):
     # ------------------------------------------------------------------ injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        config = self.peft_config[adapter_name]
+        config = self.peft_config[adapter_name] = _expand_all_linear(self.peft_config[adapter_name], model)
         if state_dict is None:
             self._check_targets(model, config)
         adapter_dir = getattr(config, "_adapter_dir", None)
@@ -108,13 +110,67 @@ class AdaptedWeightTuner(BaseTuner):
         if safe_merge:
             self._check_merge_finite(adapter_names)  # all layers first: a failure must not leave half a merge
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        _report_rounding(self._adapted_layers())
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge and safe_merge:
             self._check_merge_finite(adapter_names)
-        return super()._unload_and_optionally_merge(
+        layers = self._adapted_layers()  # kept: unloading takes them out of the model
+        model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        if merge:
+            _report_rounding(layers)
+        return model
+
+    def _adapted_layers(self) -> list[tuple[str, AdaptedLayer]]:
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, AdaptedLayer)]
+
+    @torch.no_grad()
+    def merge_and_dequantize(self, dtype: Optional[torch.dtype] = None, safe_merge: bool = False,
+                             adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """The base model with the adapters merged and every quantized layer dequantized: each adapted layer becomes
+        an ``nn.Linear`` holding ``f(W0)`` computed in float32 from the dequantized ``W0`` and cast once to
+        ``dtype`` (default: the model's ``config.dtype``), so the merge is not rounded to 4 or 8 bits again; the
+        other quantized layers are dequantized by transformers (``model.dequantize``). On a dense base this is
+        ``merge_and_unload``."""
+        layers = self._adapted_layers()
+        if not any(layer.base.quantized for _, layer in layers):
+            return self.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
+        if safe_merge:
+            self._check_merge_finite(adapter_names)
+        dtype = dtype or _config_dtype(self.model)
+        for name, layer in layers:
+            if layer.merged:
+                layer.unmerge()  # the quantized W0 as it was, not its requantized merge
+            names = [n for n in (adapter_names or layer.active_adapters) if n in getattr(layer, layer.adapter_layer_names[0])]
+            weight = layer._merged_weight(names)[0] if names else layer.base.full()
+            bias = layer.get_base_layer().bias
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device,
+                              dtype=dtype)
+            dense.weight.copy_(weight)
+            if bias is not None:
+                dense.bias.copy_(bias)
+            self.model.set_submodule(name, dense)
+        model = self.unload()  # what else peft wraps (modules_to_save)
+        if any(is_quantized_bitsandbytes(m) for m in model.modules()):
+            model.dequantize(dtype=dtype)
+        elif getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        return model
+
+
+def _expand_all_linear(config, model: nn.Module):
+    """peft's ``target_modules="all-linear"``, also on a model that already holds adapted layers (a second adapter):
+    peft counts a wrapped layer only when its class name contains "Linear", its naming convention, and skips
+    everything inside a wrapper, so without this a second "all-linear" adapter would match nothing."""
+    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+    config = _maybe_include_all_linear_layers(config, model)
+    if all_linear:
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        config.target_modules |= {name for name, m in model.named_modules()
+                                  if isinstance(m, AdaptedLayer) and m.get_base_layer() is not output}
+    return config
 
 
 def adaptable_module_names(model: nn.Module) -> list[str]:
@@ -176,10 +232,9 @@ def _check_factor_shape(path, modules, module_name, param_name, shape, dims) -> 
         )
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
-    weight = getattr(module, "weight", None)
-    if weight is None or weight.dim() != 2:
-        raise ValueError(f"The adapter {path} targets {module_name!r}, a {type(module).__name__} without a 2-d weight.")
-    out_f, in_f = (weight.shape[1], weight.shape[0]) if isinstance(module, Conv1D) else tuple(weight.shape)
+    if not is_adaptable(module):
+        raise unsupported_layer_error(module, module_name)
+    out_f, in_f = base_weight_of(module).shape  # (out, in), also for Conv1D and a quantized layer's packed weight
     sizes = {"out": out_f, "in": in_f}
     for axis, dim_name in enumerate(dims):
         if dim_name is not None and shape[axis] != sizes[dim_name]:
@@ -188,3 +243,22 @@ def _check_factor_shape(path, modules, module_name, param_name, shape, dims) -> 
                 f"(out={out_f}, in={in_f}), but the adapter's {param_name} has shape {shape}, made for a layer with "
                 f"{dim_name}={shape[axis]}. Load it onto the base model it was trained with."
             )
+
+
+def _report_rounding(layers: list[tuple[str, AdaptedLayer]]) -> None:
+    """Warn once per merge into a quantized base: the merged weights were quantized again, and by how much that
+    moved them (peft's rule for bitsandbytes layers, whose error it leaves unsaid)."""
+    errors = [(layer.rounding_error, name) for name, layer in layers if layer.rounding_error is not None]
+    if errors:
+        worst, where = max(errors)
+        warnings.warn(
+            f"Merged into a quantized base: the merged weights of {len(errors)} layer(s) were quantized again, "
+            f"moving them by up to {worst:.2%} of a layer's largest weight ({where}); the merged model's outputs "
+            "differ from the adapter's by that rounding. For an unrounded merge use model.merge_and_dequantize() "
+            "(a dense model), or keep the adapter unmerged.", stacklevel=3,
+        )
+
+
+def _config_dtype(model: nn.Module) -> torch.dtype:
+    dtype = getattr(model.config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.base_weight import as_rows
 from ..core.blocked import weight_blocks
 from ..core.layer import AdaptedLayer
 from .config import D2LoraConfig
@@ -66,8 +67,9 @@ class D2LoraLayer(AdaptedLayer):
             getattr(self, f"d2_lora_B_{branch}")[adapter_name] = nn.Parameter(b)
             getattr(self, f"d2_lora_A_{branch}")[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
 
-    def _input_norm(self, adapter_name: str, w_in: torch.Tensor) -> torch.Tensor:
+    def _input_norm(self, adapter_name: str, w_in) -> torch.Tensor:
         """``n(W_in)`` in float32, read in row blocks of at most ``block_mib`` as float32."""
+        w_in = as_rows(w_in)  # W0 itself (dense or quantized) or the float32 weight a merge composes on
         blocks = weight_blocks(w_in, torch.float32, self.kernel_options[adapter_name])
         return frozen_unit_norm(w_in, self.d2_options[adapter_name].norm_axis, blocks)
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.blocked import DEFAULT_KERNEL, BlockedAdapterLinear, KernelOptions, RowRule, dense
+from ..core.base_weight import as_rows
+from ..core.blocked import DEFAULT_KERNEL, BlockedAdapterLinear, KernelOptions, RowRule
 from ..core.fused import fused
 
 NORM_AXES = ("out", "in")
@@ -36,14 +37,16 @@ def unit_norm(w: torch.Tensor, axis: str) -> torch.Tensor:
     raise ValueError(f"unknown norm axis {axis!r}; valid: {NORM_AXES}")
 
 
-def frozen_unit_norm(w0: torch.Tensor, axis: str, blocks: list[slice]) -> torch.Tensor:
-    """``n(W0)`` in float32, without gradient, reading ``W0`` one row block at a time: a bf16 ``W0`` is never copied
-    to float32 whole, so the ``block_mib`` bound holds here too. ``axis="in"`` sums each block's squares."""
+def frozen_unit_norm(w0, axis: str, blocks: list[slice]) -> torch.Tensor:
+    """``n(W0)`` in float32, without gradient, reading ``W0`` (a tensor or a dense or quantized
+    :class:`~duallora.core.base_weight.WeightRows`) one row block at a time: it is never copied to float32 or
+    dequantized whole, so the ``block_mib`` bound holds here too. ``axis="in"`` sums each block's squares."""
+    w0 = as_rows(w0)
     with torch.no_grad():
         if axis == "out":
-            return torch.cat([unit_norm(w0[s].float(), "out") for s in blocks])
+            return torch.cat([unit_norm(w0.rows(s, torch.float32), "out") for s in blocks])
         if axis == "in":
-            squares = sum(w0[s].float().square().sum(0, keepdim=True) for s in blocks)
+            squares = sum(w0.rows(s, torch.float32).square().sum(0, keepdim=True) for s in blocks)
             return squares.sqrt()
     raise ValueError(f"unknown norm axis {axis!r}; valid: {NORM_AXES}")
 
@@ -146,7 +149,7 @@ class D2Rows(RowRule):
     def block(self, s, w0, tensors):
         A_pos, B_pos, A_neg, B_neg, w0_norm = tensors
         norm = w0_norm[s] if self.norm_axis == "out" else w0_norm
-        return A_pos[s] @ B_pos, A_neg[s] @ B_neg, dense(w0[s], A_pos.dtype), norm
+        return A_pos[s] @ B_pos, A_neg[s] @ B_neg, w0.rows(s, A_pos.dtype), norm
 
     def rows(self, state):
         pos, neg, w0_rows, norm = state
@@ -177,12 +180,12 @@ def d2_linear(x, w0, bias, A_pos, B_pos, A_neg, B_neg, w0_norm, scale: float, ta
               detach_norm: bool = False, with_base: bool = True, kernel: KernelOptions = DEFAULT_KERNEL):
     """``y = x W_hat^T + b`` (or ``x (W_hat - W0)^T`` without the base), memory-efficient: autograd keeps ``x`` and
     the factors only, the ``out x in`` matrices are rebuilt in row blocks inside backward."""
-    rule = D2Rows(scale, tau, norm_axis, detach_norm, with_base)
-    return BlockedAdapterLinear.apply(x, w0, bias, rule, kernel, A_pos, B_pos, A_neg, B_neg, w0_norm)
+    rule, base = D2Rows(scale, tau, norm_axis, detach_norm, with_base), as_rows(w0)
+    return BlockedAdapterLinear.apply(x, base.tensor, bias, rule, kernel, base, A_pos, B_pos, A_neg, B_neg, w0_norm)
 
 
 def d2_weight_rows(s: slice, w0, A_pos, B_pos, A_neg, B_neg, w0_norm, scale: float, tau: float, norm_axis: str,
                    detach_norm: bool, with_base: bool = True) -> torch.Tensor:
     """Rows ``s`` of ``W_hat`` (or of ``W_hat - W0``) in the factors' dtype."""
     rule = D2Rows(scale, tau, norm_axis, detach_norm, with_base)
-    return rule.rows(rule.block(s, w0, (A_pos, B_pos, A_neg, B_neg, w0_norm)))
+    return rule.rows(rule.block(s, as_rows(w0), (A_pos, B_pos, A_neg, B_neg, w0_norm)))

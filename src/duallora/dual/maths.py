@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.blocked import DEFAULT_KERNEL, BlockedAdapterLinear, KernelOptions, RowRule, dense
+from ..core.base_weight import as_rows
+from ..core.blocked import DEFAULT_KERNEL, BlockedAdapterLinear, KernelOptions, RowRule
 from ..core.fused import fused
 
 MAGNITUDE_ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
@@ -191,7 +192,7 @@ class DualRows(RowRule):
 
     def block(self, s, w0, tensors):
         A, B, C, D, coef = tensors
-        return B[s] @ A, D[s] @ C, dense(w0[s], A.dtype), coef
+        return B[s] @ A, D[s] @ C, w0.rows(s, A.dtype), coef
 
     def rows(self, state):
         p, q, w0_rows, coef = state
@@ -215,9 +216,10 @@ class DualRows(RowRule):
 def dual_linear(x, w0, bias, A, B, C, D, coef, with_base: bool = True, magnitude_activation: str = "relu",
                 direction_activation: str = "sign", ste: str = "clip", kernel: KernelOptions = DEFAULT_KERNEL):
     """``y = x (W0 + dW)^T + b`` (or ``x dW^T`` without the base), memory-efficient: autograd keeps ``x`` and the
-    four factors only, and every ``out x in`` matrix (P, Q, W, G, Gm, Gd) is built one row block at a time."""
-    rule = DualRows(magnitude_activation, direction_activation, ste, with_base)
-    return BlockedAdapterLinear.apply(x, w0, bias, rule, kernel, A, B, C, D, coef)
+    four factors only, and every ``out x in`` matrix (P, Q, W, G, Gm, Gd) is built one row block at a time. ``w0``
+    is an ``(out, in)`` tensor or a :class:`~duallora.core.base_weight.WeightRows` (a quantized one included)."""
+    rule, base = DualRows(magnitude_activation, direction_activation, ste, with_base), as_rows(w0)
+    return BlockedAdapterLinear.apply(x, base.tensor, bias, rule, kernel, base, A, B, C, D, coef)
 
 
 def dual_weight_rows(s: slice, w0, A, B, C, D, coef, magnitude_activation: str, direction_activation: str,
@@ -225,4 +227,4 @@ def dual_weight_rows(s: slice, w0, A, B, C, D, coef, magnitude_activation: str, 
     """Rows ``s`` of ``W0 + dW`` (or of ``dW``) in the factors' dtype: the rows one block of the memory-efficient
     forward and the eval cache build."""
     rule = DualRows(magnitude_activation, direction_activation, with_base=with_base)
-    return rule.rows(rule.block(s, w0, (A, B, C, D, coef)))
+    return rule.rows(rule.block(s, as_rows(w0), (A, B, C, D, coef)))

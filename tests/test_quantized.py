@@ -1,0 +1,298 @@
+"""Dual LoRA and D2-LoRA on bitsandbytes 4-bit and 8-bit bases (QLoRA-style), run on this CPU with real bnb layers.
+
+The reference for every check is the same adapter on a dense model whose Linear weights are peft's own
+dequantization of the quantized ones (``peft.utils.integrations.dequantize_bnb_weight``): on a quantized base the
+adapted model must compute exactly what it computes on ``W0 = dequant(Q)``, up to float32 reordering.
+"""
+
+import pytest
+import torch
+from conftest import METHODS, assert_float32_close
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.utils.integrations import dequantize_bnb_weight
+from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+from duallora.core.layer import AdaptedLayer
+
+bnb = pytest.importorskip("bitsandbytes")  # the `quantized` extra; CI installs it with the test extra
+
+QUANTIZATIONS = {
+    "nf4-double": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True),
+    "nf4": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "fp4": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+    "int8": lambda: BitsAndBytesConfig(load_in_8bit=True),
+}
+QUANTIZED_CLASS = {"nf4-double": "Linear4bit", "nf4": "Linear4bit", "fp4": "Linear4bit", "int8": "Linear8bitLt"}
+# 12 rows of a 64-wide float32 block: several row blocks per layer, cut at rows that are not a power of two
+SMALL_BLOCKS = 12 * 64 * 4 / 2**20
+
+
+def llama_config(hidden: int) -> LlamaConfig:
+    """A tiny LLaMA whose widths are whole 4-bit quantization blocks (64 values) at hidden=64, or not at 32."""
+    return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    paths = {}
+    for hidden in (64, 32):
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(f"llama{hidden}")
+        LlamaForCausalLM(llama_config(hidden)).save_pretrained(path)
+        paths[hidden] = path
+    return paths
+
+
+def quantized_base(path, quantization: str):
+    return LlamaForCausalLM.from_pretrained(path, quantization_config=QUANTIZATIONS[quantization]())
+
+
+def dequantized_twin(quantized: torch.nn.Module, path) -> torch.nn.Module:
+    """The dense model whose every Linear weight is peft's dequantization of the quantized model's."""
+    dense = LlamaForCausalLM.from_pretrained(path)
+    modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, m in dense.named_modules():
+            q = modules[name]
+            if type(q).__name__ in ("Linear4bit", "Linear8bitLt"):
+                m.weight.copy_(dequantize_bnb_weight(q.weight, state=getattr(q, "state", None)).float())
+    return dense
+
+
+def with_adapter(model, method, seed=1, **kw):
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, METHODS[method](r=4, lora_alpha=8, target_modules="all-linear", **kw))
+    with torch.no_grad():  # trained-looking factors, so that dW != 0 and every gradient is non-trivial
+        for name, p in peft_model.named_parameters():
+            if "_lora_" in name:
+                p.normal_(0, 0.1)
+    return peft_model
+
+
+def copy_adapter(source, target):
+    own = {n: p for n, p in source.named_parameters() if "_lora_" in n}
+    with torch.no_grad():
+        for n, p in target.named_parameters():
+            if "_lora_" in n:
+                p.copy_(own[n])
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def adapted_layers(model):
+    return [m for m in model.modules() if isinstance(m, AdaptedLayer)]
+
+
+IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+@pytest.mark.parametrize("quantization", list(QUANTIZATIONS))
+@pytest.mark.parametrize("hidden", [64, 32])
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_on_a_quantized_base_outputs_and_factor_gradients_equal_the_adapter_on_the_dequantized_weight(
+        checkpoints, method, quantization, hidden, memory_efficient):
+    quantized = quantized_base(checkpoints[hidden], quantization)
+    assert type(quantized.model.layers[0].mlp.down_proj).__name__ == QUANTIZED_CLASS[quantization]
+    dense = dequantized_twin(quantized, checkpoints[hidden])
+    kw = dict(memory_efficient=memory_efficient, block_mib=SMALL_BLOCKS)
+    on_quantized, on_dense = with_adapter(quantized, method, **kw), with_adapter(dense, method, **kw)
+    copy_adapter(on_quantized, on_dense)
+    on_quantized.train(), on_dense.train()
+    loss_q, grads_q = loss_and_grads(on_quantized, IDS)
+    loss_d, grads_d = loss_and_grads(on_dense, IDS)
+    assert grads_q.keys() == grads_d.keys() and len(grads_d) == 2 * 7 * 4  # every factor of every layer
+    assert_float32_close(loss_q, loss_d)
+    for name in grads_d:
+        assert_float32_close(grads_q[name], grads_d[name], msg=name)
+    on_quantized.eval(), on_dense.eval()
+    with torch.no_grad():
+        assert_float32_close(on_quantized(input_ids=IDS).logits, on_dense(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_the_memory_efficient_path_dequantizes_one_row_block_at_a_time(checkpoints, method, monkeypatch):
+    """The block_mib bound holds for a 4-bit W0: forward and backward never dequantize a whole weight."""
+    model = with_adapter(quantized_base(checkpoints[64], "nf4-double"), method, block_mib=SMALL_BLOCKS)
+    seen = []
+    dequantize = bnb.functional.dequantize_4bit
+
+    def recording(A, quant_state=None, *args, **kwargs):
+        out = dequantize(A, quant_state, *args, **kwargs)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", recording)
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert seen, "the 4-bit weights were never read"
+    widest = {64: 12, 128: 6}  # rows per block = SMALL_BLOCKS // (in * 4 bytes)
+    assert all(rows <= widest[cols] for rows, cols in seen), sorted(set(seen))
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_disabling_the_adapter_gives_the_quantized_base_and_several_adapters_compose(checkpoints, method):
+    quantized = quantized_base(checkpoints[64], "nf4-double")
+    with torch.no_grad():
+        base_logits = quantized(input_ids=IDS).logits
+    dense = dequantized_twin(quantized, checkpoints[64])
+    models = [with_adapter(quantized, method), with_adapter(dense, method)]
+    copy_adapter(*models)
+    for model in models:
+        # every layer: a layer without an active adapter runs bitsandbytes' own kernel, which under no_grad on
+        # this CPU is not x dequant(W)^T (it differs by ~1e-3); the adapted path always is
+        model.add_adapter("second", METHODS[method](r=2, lora_alpha=4, target_modules="all-linear"))
+    copy_adapter(models[0], models[1])  # also the second adapter's factors
+    with torch.no_grad():
+        for model in models:
+            for name, p in model.named_parameters():
+                if "_lora_" in name and ".second" in name:
+                    p.copy_(torch.linspace(-0.2, 0.2, p.numel()).reshape(p.shape))
+        with models[0].disable_adapter():
+            assert torch.equal(models[0](input_ids=IDS).logits, base_logits)
+        for active in (["second"], ["default", "second"]):
+            outputs = []
+            for model in models:
+                model.base_model.set_adapter(active)
+                outputs.append(model(input_ids=IDS).logits)
+            assert_float32_close(*outputs, msg=str(active))
+        assert not torch.allclose(outputs[0], base_logits, atol=1e-3)
+
+
+def packed(model):
+    """Every quantized weight's stored values (4-bit bytes and absmax, or int8 rows and their scales)."""
+    out = {}
+    for name, m in model.named_modules():
+        if type(m).__name__ == "Linear4bit":
+            out[name] = (m.weight.data.clone(), m.weight.quant_state.absmax.clone())
+        elif type(m).__name__ == "Linear8bitLt":
+            out[name] = (m.weight.data.clone(), (m.weight.SCB if m.weight.SCB is not None else m.state.SCB).clone())
+    return out
+
+
+def assert_same_packed(got, expected):
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert all(torch.equal(a, b) for a, b in zip(got[name], expected[name])), name
+
+
+def requantization_bound(quantization: str) -> float:
+    """The most that rounding to the nearest code can move a weight, relative to the largest weight: half the widest
+    gap between neighbouring NF4 codes (of a block's absmax, itself at most the largest weight), or half a step of
+    int8's 127 per row's absmax after the float16 cast that LLM.int8() quantizes from (2^-11 of the row's absmax)."""
+    if quantization == "int8":
+        return 0.5 / 127 + 2.0**-11
+    code = bnb.functional.get_4bit_type("nf4", device="cpu").sort().values
+    return (code.diff().max() / 2).item() * (1 + 4 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_merge_requantizes_reports_the_rounding_and_unmerge_restores_the_quantized_weight(
+        checkpoints, method, quantization):
+    model = with_adapter(quantized_base(checkpoints[64], quantization), method).eval()
+    before = packed(model)
+    with torch.no_grad():
+        adapted = model(input_ids=IDS).logits
+        exact = {layer: layer.base.full() + layer.get_delta_weight("default") for layer in adapted_layers(model)}
+    with pytest.warns(UserWarning, match=r"quantized again, moving them by up to \d+\.\d+% .*merge_and_dequantize"):
+        model.merge_adapter()
+    for layer, wanted in exact.items():
+        # the requantized weight is the merged one rounded to 4 or 8 bits, by the error the layer reports
+        err = ((layer.base.full() - wanted).abs().max() / wanted.abs().max()).item()
+        assert layer.rounding_error == pytest.approx(err, rel=1e-6)
+        assert 0 < layer.rounding_error <= requantization_bound(quantization)
+    with torch.no_grad():
+        merged = model(input_ids=IDS).logits
+    assert not torch.equal(merged, adapted)
+    model.unmerge_adapter()
+    assert_same_packed(packed(model), before)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, adapted)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+@pytest.mark.parametrize("quantization", ["nf4-double", "int8"])
+def test_merge_and_dequantize_gives_a_dense_model_with_the_adapters_outputs(checkpoints, method, quantization):
+    model = with_adapter(quantized_base(checkpoints[64], quantization), method).eval()
+    with torch.no_grad():
+        adapted = model(input_ids=IDS).logits
+    merged = model.merge_and_dequantize(dtype=torch.float32)
+    assert not any(type(m).__module__.startswith("bitsandbytes") for m in merged.modules())
+    assert not getattr(merged.config, "quantization_config", None)
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert_float32_close(merged(input_ids=IDS).logits, adapted)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_safe_merge_on_a_quantized_base_refuses_a_nan_factor_and_leaves_the_weights(checkpoints, method):
+    model = with_adapter(quantized_base(checkpoints[64], "nf4-double"), method)
+    before = packed(model)
+    layer = model.base_model.model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        layer.factors("default")[0][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj: .*holds NaN/Inf"):
+        model.merge_and_unload(safe_merge=True)
+    with pytest.raises(ValueError, match=r"holds NaN/Inf"):
+        model.merge_and_dequantize(safe_merge=True)
+    assert_same_packed(packed(model), before)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_kbit_training_trains_the_factors_saves_the_adapter_alone_and_reloads_on_a_quantized_base(
+        checkpoints, method, tmp_path):
+    """The QLoRA recipe: prepare_model_for_kbit_training, a few AdamW steps, save_pretrained, from_pretrained."""
+    base = prepare_model_for_kbit_training(quantized_base(checkpoints[64], "nf4-double"),
+                                           use_gradient_checkpointing=True)
+    torch.manual_seed(1)
+    model = get_peft_model(base, METHODS[method](r=4, lora_alpha=8, target_modules="all-linear"))
+    before, start = packed(model), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert_same_packed(packed(model), before)  # the base stays as it was
+    model.save_pretrained(tmp_path)
+    saved = {f.name for f in tmp_path.iterdir()}
+    assert saved == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert (tmp_path / "adapter_model.safetensors").stat().st_size < 200_000  # factors only, no base weight
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+        reloaded = PeftModel.from_pretrained(quantized_base(checkpoints[64], "nf4-double"), tmp_path).eval()
+        assert_float32_close(reloaded(input_ids=IDS).logits, expected)
+
+
+def test_unquantized_bitsandbytes_layers_and_old_bitsandbytes_get_errors_that_say_what_to_do(checkpoints,
+                                                                                            monkeypatch):
+    from duallora.core import base_weight
+
+    with pytest.raises(ValueError, match=r"has_fp16_weights=True .*load_in_8bit=True"):
+        get_peft_model(torch.nn.Sequential(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=True)),
+                       METHODS["dual"](target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"Linear4bit has not been quantized yet .*quantization_config"):
+        get_peft_model(torch.nn.Sequential(bnb.nn.Linear4bit(64, 64)), METHODS["d2"](target_modules=["0"]))
+    monkeypatch.setattr(bnb, "__version__", "0.44.1")
+    base_weight._bitsandbytes_version.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"bitsandbytes 0\.44\.1 is too old .*>= 0\.45\.0.*duallora\[quantized\]"):
+            get_peft_model(quantized_base(checkpoints[64], "nf4-double"), METHODS["dual"](target_modules=["q_proj"]))
+    finally:
+        monkeypatch.undo()
+        base_weight._bitsandbytes_version.cache_clear()
+
