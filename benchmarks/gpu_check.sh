@@ -27,6 +27,11 @@ if ls .device/wheels/peft-*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-deps --no-index --target .device/site .device/wheels/peft-*.whl || exit 3
 fi
 export PYTHONPATH="$PWD/.device/site:$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+# bitsandbytes for the 4-bit rows: the machine's own if it has one, else the cut copy gpu_prepare.sh carried
+if ! $PY -c "import bitsandbytes" >/dev/null 2>&1 && [ -d .device/bnb/bitsandbytes ]; then
+  export PYTHONPATH="$PWD/.device/bnb:$PYTHONPATH"
+fi
+$PY -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__, bitsandbytes.__file__)" 2>&1 | tail -1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 $PY -c "import duallora, peft; print('duallora', duallora.__version__, 'with peft', peft.__version__, peft.__file__)" \
   || exit 4

@@ -161,7 +161,7 @@ def test_bad_input_names_the_problem(tiny_checkpoints, tiny_csv, trained_run, tm
         (["train", "--model", "gpt5", "--output-dir", str(tmp_path / "a")], "Unknown model 'gpt5': not one of "
                                                                             "['minilm', 'smollm2']"),
         (["train", "--task", "sst2", "--model", str(tiny_checkpoints["bert"]), "--output-dir", str(tmp_path / "b")],
-         "Valid names: ['e2e-nlg', 'fact-verification', 'sentiment', 'social-iqa', 'strategyqa']"),
+         "Valid names: ['e2e-nlg', 'fact-verification', 'news-topics', 'sentiment', 'social-iqa', 'strategyqa']"),
         (["train", "--lr", "-1"], "--lr must be > 0; got -1.0"),
         (["train", "--batch-size", "0"], "--batch-size must be >= 1; got 0"),
         (["train", "--ste", "round", *run_args(tiny_checkpoints, tiny_csv, tmp_path / "c")],
@@ -363,3 +363,25 @@ def test_quantize_4bit_on_smollm2(bigbench_env, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["quantize"] == "4bit" and all(loss == loss for loss in metrics["losses"])
     assert (out / "adapter_model.safetensors").stat().st_size < 20 * 2**20  # the adapter alone, not the base
+
+
+def test_argument_free_runs_say_first_what_they_will_do(monkeypatch, tmp_path):
+    """Models, data and its download, time, where results go and the other run, before anything starts."""
+    from duallora.app.cli import announcement
+
+    monkeypatch.setenv("DUALLORA_CACHE", str(tmp_path))  # nothing cached yet: the download is announced
+    default, quick = announcement("default"), announcement("quick")
+    assert "all-MiniLM-L6-v2" in default and "multiemo sentiment" in default and "358 MB" in default
+    assert "12-15 minutes" in default and "duallora quick" in default and "runs/default-compare/" in default
+    assert "BBC News" in quick and "nothing to download" in quick and "about 2 minutes" in quick
+    assert "duallora compare --methods dual,lora --seeds 0 --model minilm --task news-topics" in quick
+
+
+def test_quick_runs_the_comparison_on_installed_data_and_takes_overrides(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert main(["quick", "--model", str(tiny_checkpoints["bert"]), "--max-steps", "2", "--batch-size", "4",
+                 "--max-length", "32", "--max-eval-examples", "8", "--output-dir", str(out)]) == 0
+    assert "running the quick comparison" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["summary"]] == ["dual", "lora"]
+    assert "news-topics" in (out / "results.md").read_text() and (out / "results.png").exists()

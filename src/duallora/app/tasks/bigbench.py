@@ -106,7 +106,12 @@ def extract_task_files(archive: Path) -> None:
 
 
 def _extract(archive: Path, wanted: dict[str, str]) -> None:
-    with tarfile.open(archive) as tar:
+    from tqdm.auto import tqdm
+
+    # a progress bar over the compressed bytes: the whole 358 MB archive is read to find five files
+    with archive.open("rb") as raw, tqdm.wrapattr(raw, "read", total=archive.stat().st_size, unit="B",
+                                                   unit_scale=True, desc="extracting the task files") as stream, \
+            tarfile.open(fileobj=stream, mode="r:*") as tar:
         for member in tar:
             name = wanted.get(member.name)
             if name is None:
