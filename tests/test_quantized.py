@@ -296,3 +296,22 @@ def test_unquantized_bitsandbytes_layers_and_old_bitsandbytes_get_errors_that_sa
         monkeypatch.undo()
         base_weight._bitsandbytes_version.cache_clear()
 
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_row_blocks_of_a_4bit_weight_equal_its_whole_dequantization(double_quant):
+    """A 512 x 256 NF4 weight: 2048 absmax values, with double quantization in 8 second-level blocks of 256. Rows
+    read at cuts that fall inside first- and second-level blocks are, bitwise, the rows of bitsandbytes' own
+    dequantization of the whole weight (the same elementwise arithmetic on each element)."""
+    from duallora.core.base_weight import base_weight_of
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(256, 512, bias=False, quant_type="nf4", compress_statistics=double_quant)
+    layer.weight = bnb.nn.Params4bit(torch.randn(512, 256), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant).to("cpu")
+    assert layer.weight.quant_state.nested == double_quant
+    whole = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    reader = base_weight_of(layer)
+    for cut in ([0, 512], [0, 3, 67, 130, 257, 512], list(range(0, 513, 64))):
+        rows = torch.cat([reader.rows(slice(a, b), torch.float32) for a, b in zip(cut, cut[1:])])
+        assert torch.equal(rows, whole), cut

@@ -87,12 +87,8 @@ class BaseWeight(WeightRows):
 
     def snapshot(self) -> Optional[nn.Parameter]:
         """What a merge keeps so that unmerge can put ``W0`` back exactly: nothing for a dense weight (unmerge inverts
-        the merge arithmetically, within float32 rounding); the quantized weight itself for a quantized one (requantizing
-        twice would round twice, and the packed weight costs 4 or 8 bits per element)."""
-        return self.layer.weight if self.quantized else None
-
-    def restore(self, snapshot: nn.Parameter) -> None:
-        self.layer.weight = snapshot
+        the merge arithmetically, within float32 rounding)."""
+        return None
 
     @torch.no_grad()
     def write(self, w: torch.Tensor) -> Optional[float]:
@@ -103,11 +99,30 @@ class BaseWeight(WeightRows):
         return None
 
 
-class Bnb4bitWeight(BaseWeight):
-    """bitsandbytes' 4-bit ``W0`` (NF4 or FP4): packed bytes, one absmax per ``blocksize`` elements of the flattened
-    weight (itself 8-bit quantized with ``compress_statistics``)."""
+class QuantizedWeight(BaseWeight):
+    """A frozen quantized ``W0``, read only by dequantizing rows (autograd never asks for its gradient)."""
 
     quantized = True
+
+    @property
+    def tensor(self):
+        return None
+
+    def full(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.rows(slice(0, self.shape[0]), dtype)
+
+    def snapshot(self):
+        """The quantized weight itself: requantizing on unmerge would round a second time, and keeping the packed
+        weight costs 4 or 8 bits per element."""
+        return self.layer.weight
+
+    def restore(self, snapshot) -> None:
+        self.layer.weight = snapshot
+
+
+class Bnb4bitWeight(QuantizedWeight):
+    """bitsandbytes' 4-bit ``W0`` (NF4 or FP4): packed bytes, one absmax per ``blocksize`` elements of the flattened
+    weight (itself 8-bit quantized in blocks of its own with ``compress_statistics``)."""
 
     @property
     def state(self):
@@ -122,23 +137,27 @@ class Bnb4bitWeight(BaseWeight):
         return self.state.dtype
 
     @property
-    def tensor(self):
-        return None  # frozen: autograd never asks for W0's gradient
-
-    @property
     def row_multiple(self) -> int:
         """Any number of rows when a row is a whole number of quantization blocks (``in % blocksize == 0``, as in
         every LLaMA-type width); else one block of the whole matrix (bitsandbytes' CPU kernel dequantizes such a
         weight in an order of its own, so a block of rows may not be cut out of it)."""
         return 1 if self.shape[1] % self.state.blocksize == 0 else self.shape[0]
 
-    def _absmax(self) -> torch.Tensor:
+    def _absmax(self, first: int, last: int) -> torch.Tensor:
+        """The absmax of quantization blocks ``first`` to ``last`` (exclusive). Nested (double quantization): only
+        the second-level blocks that cover them are dequantized, not the whole matrix's absmax once per row block
+        (for a 70B MLP weight that would cost as much as dequantizing the weight itself)."""
         import bitsandbytes.functional as bnbf
 
         state = self.state
-        if state.nested:
-            return bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        return state.absmax
+        if not state.nested:
+            return state.absmax[first:last]
+        nested = state.state2.blocksize
+        start, stop = first // nested, -(-last // nested)  # the second-level blocks covering first..last
+        absmax = bnbf.dequantize_blockwise(state.absmax[start * nested: stop * nested],
+                                           absmax=state.state2.absmax[start:stop], code=state.state2.code,
+                                           blocksize=nested)
+        return absmax[first - start * nested: last - start * nested] + state.offset
 
     def rows(self, s: slice, dtype: torch.dtype) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
@@ -146,15 +165,12 @@ class Bnb4bitWeight(BaseWeight):
         state, in_features = self.state, self.shape[1]
         start, stop = s.start, min(s.stop, self.shape[0])
         first, last = start * in_features, stop * in_features  # elements of the flattened weight
-        block = bnbf.QuantState(absmax=self._absmax()[first // state.blocksize: -(-last // state.blocksize)],
+        block = bnbf.QuantState(absmax=self._absmax(first // state.blocksize, -(-last // state.blocksize)),
                                 shape=torch.Size([stop - start, in_features]), code=state.code,
                                 blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
         # two 4-bit codes per byte, whatever dtype bnb_4bit_quant_storage stores the bytes in (uint8, or bf16 for FSDP)
         packed = self.layer.weight.data.reshape(-1).view(torch.uint8)
         return bnbf.dequantize_4bit(packed[first // 2: last // 2], block).to(dtype)
-
-    def full(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.rows(slice(0, self.shape[0]), dtype)
 
     def watched(self) -> list[torch.Tensor]:
         return [self.layer.weight, self.state.absmax]
@@ -172,15 +188,9 @@ class Bnb4bitWeight(BaseWeight):
         return _relative_error(self.full(), w)
 
 
-class Bnb8bitWeight(BaseWeight):
+class Bnb8bitWeight(QuantizedWeight):
     """bitsandbytes' LLM.int8() ``W0``: int8 rows, each with its absolute maximum ``SCB`` (``W = W8 * SCB / 127``).
     The layer's first forward moves ``SCB`` from the weight into the layer's matmul state, so both are read."""
-
-    quantized = True
-
-    @property
-    def tensor(self):
-        return None
 
     @property
     def shape(self) -> torch.Size:
@@ -196,9 +206,6 @@ class Bnb8bitWeight(BaseWeight):
 
     def rows(self, s: slice, dtype: torch.dtype) -> torch.Tensor:
         return (self.layer.weight.data[s].float() * (self.scales()[s].float() / 127).unsqueeze(1)).to(dtype)
-
-    def full(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.rows(slice(0, self.shape[0]), dtype)
 
     def watched(self) -> list[torch.Tensor]:
         return [self.layer.weight, self.scales()]
