@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench"
-METHODS = ("lora", "lora-2r", "dora", "dual", "dual-eager", "dual-bf16-grad", "dual-autograd", "d2", "full")
+METHODS = ("lora", "lora-2r", "loraplus", "dora", "hira", "dual", "dual-eager", "dual-bf16-grad", "dual-autograd", "d2",
+           "full")
 # methods that are another method run with an environment setting: dual-eager is dual without torch.compile, so
 # that the compiled kernels' share of time and memory (the compiler's runtime included) can be read off
 ENVIRONMENT = {"dual-eager": {"DUALLORA_COMPILE": "0"}}
@@ -38,13 +39,15 @@ TARGETS = [  # (method, metric, against, bound, description)
     ("dual", "peak_mib", "dora", 1.0, "Dual LoRA memory below DoRA"),
     ("dual", "step_seconds", "dora", 1.0, "Dual LoRA time below DoRA"),
     ("dual-bf16-grad", "step_seconds", "lora", 1.15, "Dual LoRA (bf16 weight gradient) time <= 1.15x LoRA"),
+    ("dual", "peak_mib", "hira", 1.0, "Dual LoRA memory below HiRA (the other full-rank update)"),
+    ("dual", "step_seconds", "hira", 1.0, "Dual LoRA time below HiRA"),
     ("d2", "peak_mib", "dora", 1.0, "D2-LoRA memory <= DoRA"),
     ("d2", "step_seconds", "dora", 1.0, "D2-LoRA time <= DoRA"),
 ]
 
 
 def adapter_config(method: str, r: int, task_type: str):
-    from peft import LoraConfig
+    from peft import HiraConfig, LoraConfig
 
     from duallora import D2LoraConfig, DualLoraConfig
 
@@ -54,6 +57,8 @@ def adapter_config(method: str, r: int, task_type: str):
     return {
         "lora": lambda: LoraConfig(**common(r)),
         "lora-2r": lambda: LoraConfig(**common(2 * r)),
+        "loraplus": lambda: LoraConfig(**common(r)),  # LoRA's adapter; its optimizer is LoRA+'s (see measure)
+        "hira": lambda: HiraConfig(r=r, target_modules="all-linear", task_type=task_type),
         "dora": lambda: LoraConfig(use_dora=True, **common(r)),
         "dual": lambda: DualLoraConfig(**common(r)),
         "dual-bf16-grad": lambda: DualLoraConfig(weight_grad_dtype="bfloat16", **common(r)),
@@ -126,6 +131,8 @@ def measure(method: str, args) -> dict:
     import torch
     from peft import get_peft_model
 
+    from duallora.app.run_config import optimizer as make_optimizer
+
     torch.manual_seed(0)
     model, task_type = load_model(args.model, args.quantize)
     config = adapter_config(method, args.r, task_type)
@@ -133,7 +140,7 @@ def measure(method: str, args) -> dict:
         model = get_peft_model(model, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = make_optimizer(model, method, lr=1e-5)  # AdamW; LoRA+'s groups for loraplus
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq))
     labels = ids if task_type == "CAUSAL_LM" else torch.randint(0, 4, (args.batch,))

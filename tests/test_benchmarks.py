@@ -10,13 +10,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_train_step_harness_runs_and_checks_targets(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--model", "tiny", "--steps", "2",
-           "--methods", "lora,dual,dora,d2", "--seq", "32", "--output-dir", str(tmp_path)]
+           "--methods", "lora,dual,dora,d2,hira,loraplus", "--seq", "32", "--output-dir", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / "train_step_tiny_fp32.json").read_text())
-    assert [r["method"] for r in payload["results"]] == ["lora", "dual", "dora", "d2"]
+    assert [r["method"] for r in payload["results"]] == ["lora", "dual", "dora", "d2", "hira", "loraplus"]
     assert all(r["step_seconds"] > 0 and r["peak_mib"] > 0 for r in payload["results"])
-    assert {t["target"] for t in payload["targets"]} >= {"Dual LoRA peak memory <= 0.85x LoRA", "D2-LoRA time <= DoRA"}
+    assert {t["target"] for t in payload["targets"]} >= {"Dual LoRA peak memory <= 0.85x LoRA", "D2-LoRA time <= DoRA",
+                                                         "Dual LoRA memory below HiRA (the other full-rank update)"}
     assert "| target | measured | holds |" in (tmp_path / "train_step_tiny_fp32.md").read_text()
 
 

@@ -157,7 +157,7 @@ def test_config_file_with_command_line_winning(tiny_checkpoints, tiny_csv, tmp_p
 
 def test_bad_input_names_the_problem(tiny_checkpoints, tiny_csv, trained_run, tmp_path, capsys):
     cases = [
-        (["train", "--method", "qlora"], "Unknown method 'qlora'; valid: ['dual', 'd2', 'lora', 'dora', 'full']"),
+        (["train", "--method", "qlora"], "Unknown method 'qlora'; valid: ['dual', 'd2', 'lora', 'loraplus', 'dora', 'hira', 'full']"),
         (["train", "--model", "gpt5", "--output-dir", str(tmp_path / "a")], "Unknown model 'gpt5': not one of "
                                                                             "['minilm', 'smollm2']"),
         (["train", "--task", "sst2", "--model", str(tiny_checkpoints["bert"]), "--output-dir", str(tmp_path / "b")],

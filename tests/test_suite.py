@@ -304,7 +304,7 @@ def test_results_made_with_other_options_are_refused(finished_comparison, no_chi
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"methods": ["lora", "qlora"]}, "qlora: Unknown method 'qlora'; valid: ['dual', 'd2', 'lora', 'dora', 'full']"),
+    ({"methods": ["lora", "qlora"]}, "qlora: Unknown method 'qlora'; valid: ['dual', 'd2', 'lora', 'loraplus', 'dora', 'hira', 'full']"),
     ({"methods": ["full-2r"]}, "Unknown method 'full-2r'"),
     ({"lr_grid": []}, "lr_grid is empty or not a list; list at least one learning rate"),
     ({"lr_grid": [0.01, "fast"]}, "lr_grid must hold numbers"),

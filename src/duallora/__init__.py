@@ -11,6 +11,7 @@ from .core.registration import check_peft_version, register
 
 check_peft_version()
 
+from .core.lora_export import convert_to_lora, save_as_lora  # noqa: E402
 from .d2.config import D2LoraConfig  # noqa: E402
 from .d2.layer import D2LoraLayer  # noqa: E402
 from .d2.model import D2LoraModel  # noqa: E402
@@ -31,6 +32,8 @@ __all__ = [
     "DualLoraConfig",
     "DualLoraLayer",
     "DualLoraModel",
+    "convert_to_lora",
+    "save_as_lora",
     "set_warmup_step",
     "warmup_steps_taken",
 ]

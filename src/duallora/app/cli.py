@@ -69,6 +69,7 @@ HELP = {
     "tau": "D2-LoRA: weight of the negative branch", "norm_axis": "D2-LoRA: 'out' or 'in'",
     "detach_norm": "D2-LoRA: no gradient through the norm",
     "weight_grad_dtype": "Dual/D2: dtype of the backward's weight-gradient matmul, e.g. bfloat16 (faster)",
+    "loraplus_lr_ratio": "LoRA+: learning rate of B over that of A (default 16)",
 }
 
 
@@ -206,6 +207,21 @@ def cmd_inspect(args) -> None:
     print(f"Written: inspect.json, inspect.md, inspect.png in {args.output_dir or args.adapter}")
 
 
+def cmd_export(args) -> None:
+    from .export import export_run
+
+    ranks = []
+    for text in args.rank.split(","):
+        try:
+            ranks.append(int(text))
+        except ValueError:
+            raise ValueError(f"--rank takes whole numbers separated by commas, e.g. 16,64,256; got {args.rank!r}.")
+    export_run(args.adapter, ranks, args.output, evaluate_split=args.evaluate, max_examples=args.max_examples,
+               overwrite=args.overwrite)
+    print("Written: lora-r{K}/ (peft LoRA adapters, load without duallora), export.json, export.md, export.png in "
+          f"{args.output}")
+
+
 def cmd_suite(args) -> None:
     from .suite import dry_run, listing, run_suite
 
@@ -257,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the merged checkpoint and tokenizer")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="a Dual LoRA or D2-LoRA adapter as plain peft LoRA adapters (for servers that "
+                                      "load only LoRA), with the error of the rank-K approximation per layer")
+    p.add_argument("--adapter", required=True, help="output directory of `duallora train`")
+    p.add_argument("--to-lora", action="store_true", required=True, help="convert to LoRA by truncated SVD of dW "
+                                                                          "(the one export so far)")
+    p.add_argument("--rank", required=True, help="LoRA rank K, or several separated by commas (16,64,256)")
+    p.add_argument("--output", required=True, help="directory for lora-r{K}/ and the export report")
+    p.add_argument("--evaluate", nargs="?", const="test", choices=["train", "validation", "test"],
+                   help="also score the adapter and each LoRA export on this split (default: test)")
+    p.add_argument("--max-examples", type=int, default=None, help="score at most N examples")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="rank analysis of a trained adapter: table and plot")
     p.add_argument("--adapter", required=True, help="output directory of `duallora train`")

@@ -16,8 +16,13 @@ def make_accelerator(grad_accum: int):
     (``torchrun``/``accelerate launch`` on CPUs), accelerate needs ``cpu=True`` to set up its gloo process group."""
     from accelerate import Accelerator
 
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(gradient_accumulation_steps=grad_accum, cpu=several and not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=launched > 1 and not torch.cuda.is_available())
+    if accelerator.num_processes != launched:  # each process would train alone on the whole data, silently
+        raise ValueError(f"The launcher started {launched} processes but accelerate sees {accelerator.num_processes}: "
+                           "they would not train together. Check the launcher's configuration (distributed_type, "
+                           "num_processes).")
+    return accelerator
 
 
 def reduce_across_processes(accelerator, values: list[float], reduction: str) -> list[float]:

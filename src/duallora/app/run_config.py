@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-METHODS = ("dual", "d2", "lora", "dora", "full")
+# lora, loraplus (LoRA+: LoRA with a 16x learning rate on B), dora and hira (HiRA: W0 * (BA), full rank) are peft's
+METHODS = ("dual", "d2", "lora", "loraplus", "dora", "hira", "full")
+ADAPTER_METHODS = tuple(m for m in METHODS if m != "full")
 QUANTIZATIONS = ("4bit", "8bit")
 
 
@@ -17,7 +19,9 @@ QUANTIZATIONS = ("4bit", "8bit")
 RESUMABLE_OPTIONS = ("max_steps", "epochs", "eval_every", "save_every")
 
 
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dora": 1e-3, "dual": 1e-3, "d2": 1e-3}
+DEFAULT_LR = {"full": 5e-5, **{method: 1e-3 for method in ADAPTER_METHODS}}
+# LoRA+'s ratio of B's learning rate to A's: the paper's recommended 2^4 (arXiv 2402.12354, section 4)
+DEFAULT_LORAPLUS_LR_RATIO = 16.0
 
 
 def flag(option: str) -> str:
@@ -68,6 +72,7 @@ class RunConfig:
     norm_axis: Optional[str] = None
     detach_norm: Optional[bool] = None
     weight_grad_dtype: Optional[str] = None
+    loraplus_lr_ratio: Optional[float] = None  # LoRA+ only; None: DEFAULT_LORAPLUS_LR_RATIO
 
     def validate(self) -> None:
         """Ranges of the run's own flags (the adapter configs check theirs)."""
@@ -77,14 +82,17 @@ class RunConfig:
             raise ValueError(f"--quantize must be one of {list(QUANTIZATIONS)}; got {self.quantize!r}.")
         if self.quantize is not None and self.method == "full":
             raise ValueError("--quantize freezes the base in 4 or 8 bits, which full fine-tuning would train: choose "
-                             "an adapter method (dual, d2, lora, dora) or drop --quantize.")
+                             f"an adapter method ({', '.join(ADAPTER_METHODS)}) or drop --quantize.")
+        if self.loraplus_lr_ratio is not None and self.method != "loraplus":
+            raise ValueError(f"--loraplus-lr-ratio sets LoRA+'s learning rate of B; --method is {self.method!r}. "
+                             "Use --method loraplus, or drop the flag.")
         checks = [("--rank", self.r, self.r >= 1, ">= 1"), ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
                   ("--grad-accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
                   ("--max-length", self.max_length, self.max_length >= 8, ">= 8"),
                   ("--epochs", self.epochs, self.epochs > 0, "> 0"),
                   ("--lr-warmup-ratio", self.lr_warmup_ratio, 0 <= self.lr_warmup_ratio < 1, "in [0, 1)"),
                   ("--dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")]
-        for flag, value in (("--lr", self.lr), ("--alpha", self.alpha)):
+        for flag, value in (("--lr", self.lr), ("--alpha", self.alpha), ("--loraplus-lr-ratio", self.loraplus_lr_ratio)):
             if value is not None:
                 checks.append((flag, value, value > 0, "> 0"))
         for flag, value in (("--max-steps", self.max_steps), ("--eval-every", self.eval_every),
@@ -100,6 +108,11 @@ class RunConfig:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
+    @property
+    def lr_ratio(self) -> float:
+        """LoRA+'s learning rate of the B factors over that of the A factors."""
+        return self.loraplus_lr_ratio if self.loraplus_lr_ratio is not None else DEFAULT_LORAPLUS_LR_RATIO
+
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
         known = {f.name for f in fields(cls)}
@@ -110,8 +123,9 @@ class RunConfig:
 
 
 def adapter_config(cfg: RunConfig, task_kind: str):
-    """The PEFT config of the run's method (None for full fine-tuning)."""
-    from peft import LoraConfig
+    """The PEFT config of the run's method (None for full fine-tuning). LoRA+ is LoRA's adapter trained with
+    :func:`optimizer`'s learning rates; HiRA takes no alpha (its update ``W0 * (BA)`` is not scaled)."""
+    from peft import HiraConfig, LoraConfig
 
     from .. import D2LoraConfig, DualLoraConfig
 
@@ -127,9 +141,25 @@ def adapter_config(cfg: RunConfig, task_kind: str):
                                                         "direction_activation", "init_std"]))
     if cfg.method == "d2":
         return D2LoraConfig(**common, **ours, **pick(["tau", "norm_axis", "detach_norm"]))
-    if cfg.method in ("lora", "dora"):
+    if cfg.method in ("lora", "loraplus", "dora"):
         return LoraConfig(use_dora=cfg.method == "dora", **common)
+    if cfg.method == "hira":
+        return HiraConfig(r=cfg.r, target_modules=cfg.target_modules, hira_dropout=cfg.dropout, task_type=task_type)
     return None
+
+
+def optimizer(model, method: str, lr: float, weight_decay: float = 0.0,
+              loraplus_lr_ratio: float = DEFAULT_LORAPLUS_LR_RATIO):
+    """AdamW over the trainable parameters; for LoRA+, peft's ``create_loraplus_optimizer``: B (and 1-d
+    parameters) at ``loraplus_lr_ratio`` times the learning rate of A and the rest."""
+    import torch
+
+    if method == "loraplus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
+                                         loraplus_weight_decay=weight_decay)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
 
 
 def saved_run_config(output_dir) -> Optional[dict]:

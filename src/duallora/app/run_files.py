@@ -8,7 +8,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
+
+from ..core.atomic import atomic_dir
+
+__all__ = ["atomic_dir", "atomic_write_text", "latest_checkpoint", "prepare_output_dir", "publish_weights"]
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
@@ -39,19 +43,6 @@ def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool, accelerato
 def latest_checkpoint(out: Path) -> Optional[Path]:
     complete = sorted((out / "checkpoints").glob("step-*/trainer_state.pt"))
     return complete[-1].parent if complete else None
-
-
-def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory under a temporary name, then rename it into place (never a half-written one)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
-    try:
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -169,7 +169,7 @@ MEASURED: dict[tuple[str, str, bool], Cost] = {
     ("smollm2", "strategyqa", True): Cost(startup=5, train_example=0.0504, eval_example=0.149, eval_split=229),
     ("smollm2", "e2e-nlg", True): Cost(startup=5, train_example=0.134, eval_example=0.20, eval_split=21),
 }
-METHOD_COST = {"lora": 1.0, "dora": 1.3, "dual": 1.5, "d2": 1.45, "full": 1.25}
+METHOD_COST = {"lora": 1.0, "loraplus": 1.0, "dora": 1.3, "hira": 1.4, "dual": 1.5, "d2": 1.45, "full": 1.25}
 
 
 def estimate_seconds(cfg: RunConfig, observed: list[float]) -> Optional[float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -23,6 +24,7 @@ from .data import collate, encode_for_training, epoch_order
 from .evaluate import PRIMARY_METRIC, evaluate
 from .process import environment, make_accelerator, peak_memory_mib, reduce_across_processes, rng_state, set_rng_state
 from .run_config import RunConfig, adapter_config, resumed_config, saved_run_config
+from .run_config import optimizer as make_optimizer
 from .run_files import atomic_dir, atomic_write_text, latest_checkpoint, prepare_output_dir, publish_weights
 from .tasks import Task, load_task
 
@@ -95,8 +97,7 @@ class TrainingSession:
                              f"is larger than the {len(self.train_examples)} training examples: lower --batch-size.")
         steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(self.model, cfg.method, cfg.learning_rate, cfg.weight_decay, cfg.lr_ratio)
         # the scheduler stays ours: accelerate's wrapper steps it once per process per step (it assumes per-process
         # step counts), while total_steps here counts global optimizer steps
         self.scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.lr_warmup_ratio * self.total_steps),
@@ -242,6 +243,12 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         cfg, resume_notes = resumed_config(cfg, saved)
     # bf16 through torch.autocast rather than accelerate's mixed_precision, which is fixed once per process (a
     # second in-process run with another setting would be refused)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # accelerate launch's DeepSpeed flag
+        # its engine owns the accumulation, the micro-batch size and the checkpoint format, which this loop owns
+        raise ValueError("`duallora train` does not run under DeepSpeed yet. Use DDP or FSDP with it "
+                         "(examples/accelerate/ddp.yaml, fsdp.yaml), or train with ZeRO from your own accelerate, "
+                         "Trainer or TRL script (examples/accelerate/zero2.yaml, zero3.yaml; tested in "
+                         "tests/test_deepspeed.py).")
     accelerator = make_accelerator(cfg.grad_accum)
     out = prepare_output_dir(cfg, resume, overwrite, accelerator)
     session = TrainingSession(cfg, accelerator, out)

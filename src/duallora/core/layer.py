@@ -342,10 +342,17 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         self._eval_cache = None
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``f(W0) - W0`` for one adapter, as ``(out, in)``, in float32 without gradient (for inspection)."""
+        """``f(W0) - W0`` for one adapter in float32 without gradient, in the base weight's layout as peft's layers
+        give it: ``(out, in)``, or ``(in, out)`` for GPT-2's ``Conv1D`` (peft's LoRA conversion relies on it)."""
         with torch.no_grad():
             w0 = self.base.full()
-            return self.adapted_weight(adapter_name, w0, self.float_factors(adapter_name)) - w0
+            delta = self.adapted_weight(adapter_name, w0, self.float_factors(adapter_name)) - w0
+        return delta.t() if isinstance(self.get_base_layer(), Conv1D) else delta
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Both methods are additive (``W0 + dW``, ``dW`` from :meth:`get_delta_weight`), so peft's
+        ``convert_to_lora`` applies (``duallora.convert_to_lora`` adds the error it makes)."""
+        return True
 
     def __repr__(self) -> str:
         return f"{self.prefix.rstrip('_')}.{super().__repr__()}"

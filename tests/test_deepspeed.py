@@ -1,0 +1,107 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on this machine's CPUs (2 processes, gloo, fp32): Dual LoRA and D2-LoRA train under
+`accelerate launch` with the documented configs (examples/accelerate/zero2.yaml, zero3.yaml) as they do in one
+process without DeepSpeed, and the warm-up clock counts DeepSpeed's optimizer steps (ZeRO's optimizer steps flat
+copies of the factors, not the factors).
+
+DeepSpeed (the version pinned in constraints.txt) is installed for these tests only, into a folder of its own: it
+builds from source and JIT-compiles a communication op on first use (about a minute, with g++), and a library that
+is only importable is then picked up by accelerate and transformers in every other test."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FLOAT32_REORDER_RTOL
+
+ROOT = Path(__file__).parent.parent
+# deepspeed's own requirements that the project does not install already (numpy, packaging, psutil, pydantic and
+# tqdm it does); none of them may pull a torch
+DEEPSPEED_REQUIREMENTS = ("hjson==3.1.0", "msgpack==1.2.4", "ninja==1.13.2", "py-cpuinfo==9.0.0", "einops==0.8.2")
+
+
+def pinned(package: str) -> str:
+    text = (ROOT / "constraints.txt").read_text()
+    match = re.search(rf"^{package}==(\S+)", text, flags=re.MULTILINE)
+    assert match, f"{package} is not pinned in constraints.txt"
+    return f"{package}=={match[1]}"
+
+
+@pytest.fixture(scope="module")
+def deepspeed_env(tmp_path_factory) -> dict:
+    target = tmp_path_factory.mktemp("deepspeed")
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                              pinned("deepspeed"), *DEEPSPEED_REQUIREMENTS], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-2000:]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
+            "PATH": os.pathsep.join([str(target / "bin"), os.environ["PATH"]]), "DS_ACCELERATOR": "cpu",
+            "TORCH_EXTENSIONS_DIR": str(target / "torch_extensions"), "OMP_NUM_THREADS": "1"}
+
+
+def launch(config: str, method: str, out: Path, env: dict) -> dict:
+    with socket.socket() as s:  # a free port, so that parallel test runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "examples" / "accelerate" / config), "--num_processes", "2", "--main_process_port", port,
+           str(Path(__file__).parent / "workers" / "zero_train.py"), str(out), method]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,stage", [("zero2.yaml", 2), ("zero3.yaml", 3)])
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_zero_trains_like_one_process_and_the_clock_counts_its_steps(config, stage, method, deepspeed_env,
+                                                                     tmp_path):
+    report = launch(config, method, tmp_path / "zero.json", deepspeed_env)
+    assert (report["stage"], report["processes"], report["backend"]) == (stage, 2, "gloo")
+    assert report["optimizer"] == ("DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
+    steps = len(report["reference_losses"])
+    assert report["global_steps"] == steps == 6
+    if method == "dual":  # one tick per optimizer step: 12 micro-batches at accumulation 2
+        assert report["clocks"] == list(range(1, steps + 1))
+    assert report["moved"] == report["factors"] > 0 and report["processes_agree"]
+    # the same sums in another order: the loss of each step within float32's reorder bound
+    for got, expected in zip(report["losses"], report["reference_losses"]):
+        assert abs(got - expected) <= FLOAT32_REORDER_RTOL * abs(expected), report
+    # SGD: w <- w - lr g. Each step's gradients differ by at most the reorder bound of the largest gradient, and each
+    # run rounds its weights once (half an ulp of the largest factor, counted as one eps); a factor's difference
+    # also changes later gradients, by lr times the loss's curvature, a factor (1 + lr |H|)^6 <= 2 here (lr = 1e-2,
+    # |H| of a tiny model well under 10)
+    eps = torch.finfo(torch.float32).eps
+    bound = 2 * sum(report["lr"] * FLOAT32_REORDER_RTOL * g + eps * report["largest_factor"]
+                    for g in report["largest_grads"])
+    assert report["largest_factor_difference"] <= bound, report
+
+
+@pytest.mark.slow
+def test_duallora_train_under_deepspeed_says_what_to_use_instead(deepspeed_env, tiny_checkpoints, tiny_csv, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "examples" / "accelerate" / "zero2.yaml"), "--num_processes", "2", "--main_process_port", port,
+           "-m", "duallora", "train", "--model", str(tiny_checkpoints["bert"]), "--task", str(tiny_csv),
+           "--text-column", "text", "--label-column", "label", "--output-dir", str(out), "--max-steps", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=deepspeed_env)
+    assert result.returncode != 0
+    assert "does not run under DeepSpeed yet. Use DDP or FSDP" in result.stderr, result.stderr[-3000:]
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("name,stage", [("zero2.yaml", 2), ("zero3.yaml", 3)])
+def test_the_documented_zero_configs_parse(name, stage):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "examples" / "accelerate" / name))
+    assert config.distributed_type.name == "DEEPSPEED" and config.num_processes == 8
+    assert config.deepspeed_config["zero_stage"] == stage
