@@ -201,7 +201,7 @@ def test_merge_requantizes_reports_the_rounding_and_unmerge_restores_the_quantiz
     before = packed(model)
     with torch.no_grad():
         adapted = model(input_ids=IDS).logits
-        exact = {layer: layer.base.full() + layer.get_delta_weight("default") for layer in adapted_layers(model)}
+        exact = {layer: layer.base.full() + layer.delta_weight("default") for layer in adapted_layers(model)}
     with pytest.warns(UserWarning, match=r"quantized again, moving them by up to \d+\.\d+% .*merge_and_dequantize"):
         model.merge_adapter()
     for layer, wanted in exact.items():

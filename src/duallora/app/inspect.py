@@ -24,7 +24,7 @@ def numerical_rank(matrix: torch.Tensor) -> int:
 
 @torch.no_grad()
 def layer_report(name: str, layer: AdaptedLayer, adapter: str) -> dict:
-    dw = layer.get_delta_weight(adapter)
+    dw = layer.delta_weight(adapter)
     w0 = layer.base_weight().float()
     row = {"layer": name, "shape": list(dw.shape), "rank_dW": numerical_rank(dw), "norm_dW": dw.norm().item(),
            "norm_W0": w0.norm().item(), "relative_norm": (dw.norm() / w0.norm()).item()}

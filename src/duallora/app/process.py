@@ -20,8 +20,8 @@ def make_accelerator(grad_accum: int):
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=launched > 1 and not torch.cuda.is_available())
     if accelerator.num_processes != launched:  # each process would train alone on the whole data, silently
         raise ValueError(f"The launcher started {launched} processes but accelerate sees {accelerator.num_processes}: "
-                           "they would not train together. Check the launcher's configuration (distributed_type, "
-                           "num_processes).")
+                         "they would not train together. Check the launcher's configuration (distributed_type, "
+                         "num_processes).")
     return accelerator
 
 

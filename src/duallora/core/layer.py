@@ -341,12 +341,16 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
             self.base.write(weight)
         self._eval_cache = None
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``f(W0) - W0`` for one adapter in float32 without gradient, in the base weight's layout as peft's layers
-        give it: ``(out, in)``, or ``(in, out)`` for GPT-2's ``Conv1D`` (peft's LoRA conversion relies on it)."""
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``dW = f(W0) - W0`` for one adapter, ``(out, in)`` whatever the base layer, in float32 without gradient."""
         with torch.no_grad():
             w0 = self.base.full()
-            delta = self.adapted_weight(adapter_name, w0, self.float_factors(adapter_name)) - w0
+            return self.adapted_weight(adapter_name, w0, self.float_factors(adapter_name)) - w0
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """:meth:`delta_weight` in the base weight's layout, as peft's layers give it: ``(out, in)``, or ``(in, out)``
+        for GPT-2's ``Conv1D`` (peft's LoRA conversion relies on it)."""
+        delta = self.delta_weight(adapter_name)
         return delta.t() if isinstance(self.get_base_layer(), Conv1D) else delta
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:

@@ -53,7 +53,7 @@ def layer_errors(model, state_dict: dict[str, torch.Tensor], adapter_name: str =
     rows = []
     for name, layer in _adapted_layers(model).items():
         key = name.removeprefix(PEFT_PREFIX)
-        delta = _delta_out_in(layer, adapter_name)
+        delta = layer.delta_weight(adapter_name)
         lora_a = state_dict[f"{PEFT_PREFIX}{key}.lora_A.weight"].float()
         lora_b = state_dict[f"{PEFT_PREFIX}{key}.lora_B.weight"].float()
         norm = delta.norm().item()
@@ -61,11 +61,6 @@ def layer_errors(model, state_dict: dict[str, torch.Tensor], adapter_name: str =
         rows.append({"layer": key, "shape": [layer.out_features, layer.in_features], "rank": lora_a.shape[0],
                      "norm_dW": norm, "relative_error": error / norm if norm else 0.0})
     return rows
-
-
-def _delta_out_in(layer: AdaptedLayer, adapter_name: str) -> torch.Tensor:
-    delta = layer.get_delta_weight(adapter_name)
-    return delta.t() if isinstance(layer.get_base_layer(), Conv1D) else delta  # Conv1D's layout is (in, out)
 
 
 def total_error(rows: list[dict]) -> float:
@@ -104,7 +99,7 @@ def convert_to_lora(model, rank: int, adapter_name: str = "default", progressbar
     ranks = {}
     for name, layer in tqdm(layers.items(), desc="Converting to LoRA", disable=not progressbar):
         key = name.removeprefix(PEFT_PREFIX)
-        lora_a, lora_b = truncated_svd_factors(_delta_out_in(layer, adapter_name), rank)
+        lora_a, lora_b = truncated_svd_factors(layer.delta_weight(adapter_name), rank)
         # peft's LoRA keeps A (K, in) and B (out, K) on a Conv1D too: fan_in_fan_out transposes B A there
         dtype = layer.factors(adapter_name)[0].dtype  # the adapter's own precision
         state_dict[f"{PEFT_PREFIX}{key}.lora_A.weight"] = lora_a.to(dtype)
