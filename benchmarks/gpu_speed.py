@@ -27,25 +27,6 @@ QUANTIZED_METHODS = ("lora", "dual", "d2")  # on a 4-bit base: QLoRA, QDual, QD2
 RANK = 16
 
 
-def method_config(method: str):
-    """The peft config of a method at the shared rank (None: full fine-tuning); all seven linear types adapted."""
-    from peft import HiraConfig, LoraConfig
-
-    from duallora import D2LoraConfig, DualLoraConfig
-
-    common = dict(target_modules="all-linear", task_type="CAUSAL_LM")
-    return {
-        "full": lambda: None,
-        "lora": lambda: LoraConfig(r=RANK, lora_alpha=2 * RANK, **common),
-        "lora-2r": lambda: LoraConfig(r=2 * RANK, lora_alpha=4 * RANK, **common),
-        "dora": lambda: LoraConfig(r=RANK, lora_alpha=2 * RANK, use_dora=True, **common),
-        "hira": lambda: HiraConfig(r=RANK, **common),
-        "dual": lambda: DualLoraConfig(r=RANK, lora_alpha=2 * RANK, **common),
-        "dual-bf16-grad": lambda: DualLoraConfig(r=RANK, lora_alpha=2 * RANK, weight_grad_dtype="bfloat16", **common),
-        "d2": lambda: D2LoraConfig(r=RANK, lora_alpha=2 * RANK, **common),
-    }[method]()
-
-
 def quantize_linears(model) -> None:
     """Every linear of the decoder layers as bitsandbytes' NF4 ``Linear4bit`` with double quantization and bf16
     compute, as ``BitsAndBytesConfig(load_in_4bit=True, ...)`` loads them, without a checkpoint on disk."""
@@ -68,6 +49,8 @@ def build(model_name: str, method: str, device: str, checkpointing: bool, quanti
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from variants import peft_config
+
     hidden, mlp, layers, heads, kv, vocab = MODELS[model_name]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096)
@@ -76,12 +59,12 @@ def build(model_name: str, method: str, device: str, checkpointing: bool, quanti
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     if quantize:
         quantize_linears(model)
-    peft_config = method_config(method)
-    if peft_config is not None:
-        model = get_peft_model(model, peft_config)
+    config = peft_config(method, RANK, "CAUSAL_LM")  # all seven linear types adapted
+    if config is not None:
+        model = get_peft_model(model, config)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if peft_config is not None:
+        if config is not None:
             model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

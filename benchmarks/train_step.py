@@ -46,29 +46,6 @@ TARGETS = [  # (method, metric, against, bound, description)
 ]
 
 
-def adapter_config(method: str, r: int, task_type: str):
-    from peft import HiraConfig, LoraConfig
-
-    from duallora import D2LoraConfig, DualLoraConfig
-
-    def common(rank):
-        return dict(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type=task_type)
-
-    return {
-        "lora": lambda: LoraConfig(**common(r)),
-        "lora-2r": lambda: LoraConfig(**common(2 * r)),
-        "loraplus": lambda: LoraConfig(**common(r)),  # LoRA's adapter; its optimizer is LoRA+'s (see measure)
-        "hira": lambda: HiraConfig(r=r, target_modules="all-linear", task_type=task_type),
-        "dora": lambda: LoraConfig(use_dora=True, **common(r)),
-        "dual": lambda: DualLoraConfig(**common(r)),
-        "dual-bf16-grad": lambda: DualLoraConfig(weight_grad_dtype="bfloat16", **common(r)),
-        "dual-autograd": lambda: DualLoraConfig(memory_efficient=False, **common(r)),
-        "dual-eager": lambda: DualLoraConfig(**common(r)),  # with DUALLORA_COMPILE=0, see ENVIRONMENT
-        "d2": lambda: D2LoraConfig(**common(r)),
-        "full": lambda: None,
-    }[method]()
-
-
 class PeakRss:
     """Samples this process's resident set size every 2 ms; ``peak`` is the highest value seen."""
 
@@ -132,15 +109,16 @@ def measure(method: str, args) -> dict:
     from peft import get_peft_model
 
     from duallora.app.run_config import optimizer as make_optimizer
+    from variants import VARIANTS, peft_config
 
     torch.manual_seed(0)
     model, task_type = load_model(args.model, args.quantize)
-    config = adapter_config(method, args.r, task_type)
+    config = peft_config(method, args.r, task_type)
     if config is not None:
         model = get_peft_model(model, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, method, lr=1e-5)  # AdamW; LoRA+'s groups for loraplus
+    optimizer = make_optimizer(model, VARIANTS[method].method, lr=1e-5)  # AdamW; LoRA+'s groups for loraplus
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq))
     labels = ids if task_type == "CAUSAL_LM" else torch.randint(0, 4, (args.batch,))
