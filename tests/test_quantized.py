@@ -315,3 +315,19 @@ def test_row_blocks_of_a_4bit_weight_equal_its_whole_dequantization(double_quant
     for cut in ([0, 512], [0, 3, 67, 130, 257, 512], list(range(0, 513, 64))):
         rows = torch.cat([reader.rows(slice(a, b), torch.float32) for a, b in zip(cut, cut[1:])])
         assert torch.equal(rows, whole), cut
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_inspect_reads_a_quantized_lora_base_as_the_weight_it_dequantizes_to(checkpoints, quantization):
+    from peft import LoraConfig
+
+    from duallora.app.inspect import inspect_peft
+
+    model = quantized_base(checkpoints[64], quantization)
+    expected = {name: dequantize_bnb_weight(m.weight, state=getattr(m, "state", None)).float()
+                for name, m in model.named_modules() if type(m).__name__ == QUANTIZED_CLASS[quantization]}
+    rows = inspect_peft(get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")))
+    assert {row["layer"].removeprefix("base_model.model.") for row in rows} == set(expected)
+    for row in rows:  # the packed bytes would give another norm and shape
+        w0 = expected[row["layer"].removeprefix("base_model.model.")]
+        assert row["shape"] == list(w0.shape) and row["norm_W0"] == pytest.approx(w0.norm().item(), rel=1e-6)

@@ -45,16 +45,22 @@ def inspect_model(model, adapter: str = "default") -> list[dict]:
     return [layer_report(name, m, adapter) for name, m in model.named_modules() if isinstance(m, AdaptedLayer)]
 
 
-def inspect_lora(model, adapter: str = "default") -> list[dict]:
-    """The same report for a peft LoRA/DoRA model (rank of B A, bounded by r), for comparison."""
+def inspect_peft(model, adapter: str = "default") -> list[dict]:
+    """The same report for peft's LoRA (LoRA+, DoRA: rank of dW bounded by r) and HiRA (``dW = W0 * (B A)``: not
+    bounded by r) layers, for comparison. ``W0`` is dequantized on a 4-bit or 8-bit base (its packed bytes are no
+    weight)."""
+    from peft.tuners.hira import HiraLayer
     from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
 
     rows = []
     for name, m in model.named_modules():
-        if isinstance(m, LoraLayer) and adapter in m.lora_A:
+        if isinstance(m, (LoraLayer, HiraLayer)) and adapter in m.r:
             with torch.no_grad():
+                w0 = dequantize_module_weight(m.get_base_layer()).float()
                 dw = m.get_delta_weight(adapter).float()
-                w0 = m.get_base_layer().weight.float()
+                if isinstance(m, HiraLayer):  # peft's HiRA gives B A there: its merge multiplies it by W0
+                    dw = w0 * dw
             rows.append({"layer": name, "shape": list(dw.shape), "rank_dW": numerical_rank(dw),
                          "norm_dW": dw.norm().item(), "norm_W0": w0.norm().item(),
                          "relative_norm": (dw.norm() / w0.norm()).item(), "lora_bound": m.r[adapter]})
@@ -107,7 +113,7 @@ def inspect_run(run_dir: str | Path, output_dir: str | Path | None = None) -> li
     model, _, _, cfg = load_trained(run_dir)
     if cfg.method == "full":
         raise ValueError(f"{run_dir} is a full fine-tuning run: there is no adapter to inspect.")
-    rows = inspect_model(model) or inspect_lora(model)
+    rows = inspect_model(model) or inspect_peft(model)
     out = Path(output_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "inspect.json").write_text(json.dumps(rows, indent=1))
