@@ -106,12 +106,14 @@ def _tiny_tokenizer(directory):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """A tiny BERT and a tiny LLaMA saved as local checkpoints with a small WordPiece tokenizer."""
+    """A tiny BERT and a tiny LLaMA saved as local checkpoints with a small WordPiece tokenizer; ``llama64`` is the
+    LLaMA at widths of whole 4-bit quantization blocks (64 values), which bitsandbytes' CPU kernels behind peft's
+    quantized layers need (at width 32 its 4-bit inference kernel fails on one-row inputs)."""
     from transformers import BertModel
 
     root = tmp_path_factory.mktemp("checkpoints")
     paths = {}
-    for name in ("bert", "llama"):
+    for name in ("bert", "llama", "llama64"):
         directory = root / name
         directory.mkdir()
         tokenizer = _tiny_tokenizer(directory)
@@ -120,7 +122,8 @@ def tiny_checkpoints(tmp_path_factory):
             model = BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, vocab_size=64, max_position_embeddings=128))
         else:
-            model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            hidden = 64 if name == "llama64" else 32
+            model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
                                                  max_position_embeddings=256, pad_token_id=0))
         model.save_pretrained(directory)

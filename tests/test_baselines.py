@@ -70,6 +70,27 @@ def test_train_reload_and_score_the_peft_baselines(method, peft_type, tiny_check
     assert json.loads((lora / "metrics.json").read_text())["trainable_params"] == trainable
 
 
+@pytest.mark.parametrize("method,zero_initialised", [("loraplus", lambda layer: layer.lora_B["default"].weight),
+                                                     ("hira", lambda layer: layer.hira_B["default"])])
+def test_the_peft_baselines_train_on_a_4bit_base(method, zero_initialised, tiny_checkpoints, bigbench_env, tmp_path):
+    """QLoRA's setting for LoRA+ and HiRA: peft's bitsandbytes layers of each method wrap the Linear4bit base, and
+    the factors that start at zero (LoRA's B; HiRA's B) have trained away from it."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / method
+    assert main(["train", "--method", method, "--quantize", "4bit", "--model", str(tiny_checkpoints["llama64"]),
+                 "--task", "strategyqa", "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4",
+                 "--max-length", "48", "--max-eval-examples", "4", "--lr", "1e-2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["quantize"] == "4bit" and "accuracy" in metrics["test"]
+    assert all(loss == loss for loss in metrics["losses"])
+    from duallora.app.train import load_trained
+
+    model, _, _, cfg = load_trained(out)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__module__.endswith(".bnb") and type(layer.base_layer).__name__ == "Linear4bit"
+    assert zero_initialised(layer).abs().max() > 0
+
+
 def test_claims_over_loraplus_and_hira_and_hira_as_the_best_baseline(tiny_checkpoints, tiny_csv, tmp_path):
     config = comparison(tiny_checkpoints, tiny_csv)
     config.update(methods=["lora", "loraplus", "hira", "dual"], lr_grid=[0.01], seeds=[0, 1, 2])
