@@ -71,7 +71,8 @@ def test_train_reload_and_score_the_peft_baselines(method, peft_type, tiny_check
 
 
 @pytest.mark.parametrize("method,zero_initialised", [("loraplus", lambda layer: layer.lora_B["default"].weight),
-                                                     ("hira", lambda layer: layer.hira_B["default"])])
+                                                     ("hira", lambda layer: layer.hira_B["default"])],
+                         ids=["loraplus", "hira"])
 def test_the_peft_baselines_train_on_a_4bit_base(method, zero_initialised, tiny_checkpoints, bigbench_env, tmp_path):
     """QLoRA's setting for LoRA+ and HiRA: peft's bitsandbytes layers of each method wrap the Linear4bit base, and
     the factors that start at zero (LoRA's B; HiRA's B) have trained away from it."""

@@ -183,10 +183,14 @@ def test_python_m_duallora_help():
     assert result.returncode == 0 and "--warmup-steps" in result.stdout and "--resume" in result.stdout
 
 
-def test_bf16_gradient_checkpointing_and_accumulation(tiny_checkpoints, tiny_csv, tmp_path):
+def test_bf16_gradient_checkpointing_and_accumulation(tiny_checkpoints, tiny_csv, tmp_path, capsys):
+    from duallora.app.process import bf16_is_native
+
     out = tmp_path / "bf16"
     assert main(["train", "--method", "dual", "--max-steps", "3", "--grad-accum", "2", "--bf16",
                  "--gradient-checkpointing", *run_args(tiny_checkpoints, tiny_csv, out)]) == 0
+    # said before training where bf16 has no kernels here (AVX2 CPUs), and only there
+    assert ("has no bfloat16 kernels" in capsys.readouterr().err) == (not bf16_is_native(torch.device("cpu")))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and all(loss == loss for loss in metrics["losses"])  # finite, not NaN
     from duallora.app.train import load_trained
@@ -194,6 +198,17 @@ def test_bf16_gradient_checkpointing_and_accumulation(tiny_checkpoints, tiny_csv
     model, *_ = load_trained(out)
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
     assert int(layer.dual_lora_step["default"]) == 3  # one warm-up tick per optimizer step, not per micro-batch
+
+
+def test_bf16_without_kernels_is_announced_with_the_fix(monkeypatch):
+    from duallora.app import process
+
+    monkeypatch.setattr(process, "bf16_is_native", lambda device: False)
+    warning = process.bf16_warning(torch.device("cpu"))
+    assert f"this CPU ({torch.backends.cpu.get_cpu_capability()} instructions)" in warning
+    assert "17x slower than float32" in warning and "Train without --bf16 (or `bf16: false`)" in warning
+    monkeypatch.setattr(process, "bf16_is_native", lambda device: True)
+    assert process.bf16_warning(torch.device("cpu")) is None
 
 
 def every_run_flag() -> list[str]:

@@ -195,6 +195,24 @@ def test_dry_run_lists_runs_and_later_seeds_wait_for_the_grid(tiny_checkpoints, 
     assert not (root / "cmp" / "results").exists()
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_dry_run_warns_when_bf16_runs_would_be_emulated(tiny_checkpoints, tiny_csv, tmp_path, no_child,
+                                                        monkeypatch, capsys, native):
+    from duallora.app import process
+
+    monkeypatch.setattr(process, "bf16_is_native", lambda device: native)
+    options = comparison(tiny_checkpoints, tiny_csv)
+    root = tmp_path / "experiments"
+    write_experiment(root, "fp32", options)
+    assert main(["suite", "--root", str(root), "--dry-run"]) == 0
+    assert "no bfloat16 kernels" not in capsys.readouterr().out  # no run asks for bf16
+    write_experiment(root, "bf16", {**options, "base": {**options["base"], "bf16": True}})
+    assert main(["suite", "--root", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ("no bfloat16 kernels" in out and "estimates above were measured with bfloat16 kernels" in out) == (
+        not native)
+
+
 def test_dry_run_estimates_from_runs_already_made(finished_comparison, capsys):
     root, runs, _ = finished_comparison
     later = next((root / "cmp" / "results").glob("dual-*-seed1.json"))

@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -48,6 +49,28 @@ def set_rng_state(state) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls have hardware kernels on ``device``: a GPU of compute capability 8.0 or later
+    (Ampere), or a CPU with oneDNN's bf16 kernels (AVX-512 or AMX). Elsewhere torch falls back to a slow path."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return True  # other accelerators: nothing measured, so nothing claimed
+
+
+def bf16_warning(device: torch.device) -> Optional[str]:
+    """What to tell a user who asks for bf16 autocast where it has no hardware kernels; None where it has."""
+    if bf16_is_native(device):
+        return None
+    where = (f"this GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f"this {device.type.upper()} ({torch.backends.cpu.get_cpu_capability()} instructions)")
+    return (f"Warning: bf16 autocast on {where} has no bfloat16 kernels, so torch runs its matmuls on a generic "
+            "fallback: measured 17x slower than float32 for MiniLM training on a 2-core AVX2 CPU (25.5 against "
+            "1.48 s per step). Train without --bf16 (or `bf16: false`) here, or on a CPU with AVX-512/AMX or a GPU "
+            "from Ampere on.")
+
+
 def peak_memory_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -68,4 +91,5 @@ def environment() -> dict:
         commit = None
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__, "duallora": __version__,
-            "git_commit": commit, "threads": torch.get_num_threads()}
+            "git_commit": commit, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # AVX2, AVX512, ...: step times depend on it

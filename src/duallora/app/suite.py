@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from .experiments import (
     Experiment,
     Run,
@@ -26,6 +28,7 @@ from .experiments import (
     plan,
     summary,
 )
+from .process import bf16_warning
 from .run_config import RunConfig
 from .run_files import atomic_write_text
 
@@ -190,6 +193,7 @@ class Status:
     run: Run
     finished: bool
     seconds: Optional[float]  # estimated wall time, for a run not finished
+    bf16: bool = False  # a run not finished asks for bf16 autocast
 
 
 def statuses(experiment: Experiment, runs_dir: Path) -> list[Status]:
@@ -206,7 +210,7 @@ def statuses(experiment: Experiment, runs_dir: Path) -> list[Status]:
             continue
         lr = run.lr if run.ready else experiment.lr_grid[0]  # the time does not depend on the lr
         cfg = Run(experiment, run.label, lr, run.seed).config(runs_dir)
-        out.append(Status(run, False, estimate_seconds(cfg, observed.get(run.label, []))))
+        out.append(Status(run, False, estimate_seconds(cfg, observed.get(run.label, [])), cfg.bf16))
     return out
 
 
@@ -237,6 +241,9 @@ def dry_run(root: Path, runs_dir: Path, names: Optional[list[str]] = None) -> st
             estimate = "" if s.finished or s.seconds is None else f"~{s.seconds / 60:.1f} min"
             lines.append(f"  {s.run.name:36s} {state:42s} {estimate}".rstrip())
     lines.append(f"total left: {_left(everything)}")
+    warning = bf16_warning(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if warning and any(s.bf16 for s in everything):
+        lines.append(f"{warning} The estimates above were measured with bfloat16 kernels.")
     return "\n".join(lines)
 
 

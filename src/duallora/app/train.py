@@ -22,7 +22,15 @@ import torch
 
 from .data import collate, encode_for_training, epoch_order
 from .evaluate import PRIMARY_METRIC, evaluate
-from .process import environment, make_accelerator, peak_memory_mib, reduce_across_processes, rng_state, set_rng_state
+from .process import (
+    bf16_warning,
+    environment,
+    make_accelerator,
+    peak_memory_mib,
+    reduce_across_processes,
+    rng_state,
+    set_rng_state,
+)
 from .run_config import RunConfig, adapter_config, resumed_config, saved_run_config
 from .run_config import optimizer as make_optimizer
 from .run_files import atomic_dir, atomic_write_text, latest_checkpoint, prepare_output_dir, publish_weights
@@ -250,6 +258,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                          "Trainer or TRL script (examples/accelerate/zero2.yaml, zero3.yaml; tested in "
                          "tests/test_deepspeed.py).")
     accelerator = make_accelerator(cfg.grad_accum)
+    warning = bf16_warning(accelerator.device) if cfg.bf16 else None
+    if warning and accelerator.is_main_process:
+        print(warning, file=sys.stderr)  # before the model loads: a user can stop a run that would take hours
     out = prepare_output_dir(cfg, resume, overwrite, accelerator)
     session = TrainingSession(cfg, accelerator, out)
     if accelerator.distributed_type.name == "FSDP" and (cfg.save_every or resume):
