@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # runs the benchmark script in child processes (80-120 s here)
 def test_train_step_harness_runs_and_checks_targets(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--model", "tiny", "--steps", "2",
            "--methods", "lora,dual,dora,d2,hira,loraplus", "--seq", "32", "--output-dir", str(tmp_path)]
@@ -37,6 +40,7 @@ def test_one_layer_and_inference_harnesses_run(tmp_path):
     assert kept["dual"] < kept["dual-autograd"]  # the memory-efficient backward keeps no out x in matrix
 
 
+@pytest.mark.slow  # runs the benchmark script in child processes (80-120 s here)
 def test_growth_harness_writes_table_and_plot(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "growth.py"), "--model", "tiny", "--methods", "lora,dual",
            "--ranks", "8,16", "--seqs", "32", "--steps", "1", "--output-dir", str(tmp_path)]
@@ -47,6 +51,7 @@ def test_growth_harness_writes_table_and_plot(tmp_path):
     assert {r["r"] for r in rows if r["sweep"] == "rank"} == {8, 16}
 
 
+@pytest.mark.slow  # runs the benchmark script in child processes (80-120 s here)
 def test_large_layer_harness_runs_each_configuration_in_its_own_process(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "large_layer.py"), "--shapes", "64x48", "--tokens", "16",
            "--repeats", "1", "--configs", "frozen,lora,dual-whole,dual-4MiB,d2-64MiB", "--output-dir", str(tmp_path)]
@@ -92,6 +97,7 @@ def test_ste_magnitudes_records_what_each_estimator_acts_on(tiny_checkpoints, bi
     assert (tmp_path / "ste_magnitudes.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # runs the benchmark script in child processes (80-120 s here)
 def test_gpu_check_dry_run_writes_the_record(tmp_path):
     """The GPU side's one script and the command's own code paths, on the CPU at toy sizes (a GPU run differs only in
     sizes and device): duallora from src/, nothing installed, as on the GPU machine."""
