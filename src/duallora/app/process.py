@@ -64,7 +64,7 @@ def bf16_warning(device: torch.device) -> Optional[str]:
     if bf16_is_native(device):
         return None
     where = (f"this GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f"this {device.type.upper()} ({torch.backends.cpu.get_cpu_capability()} instructions)")
+             f"this CPU ({torch.backends.cpu.get_cpu_capability()} instructions)")  # the only other non-native case
     return (f"Warning: bf16 autocast on {where} has no bfloat16 kernels, so torch runs its matmuls on a generic "
             "fallback: measured 17x slower than float32 for MiniLM training on a 2-core AVX2 CPU (25.5 against "
             "1.48 s per step). Train without --bf16 (or `bf16: false`) here, or on a CPU with AVX-512/AMX or a GPU "
