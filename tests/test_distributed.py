@@ -154,6 +154,27 @@ def test_fsdp2_sharded_layers_train_like_unsharded_ones(tmp_path):
         assert result["eval_cache_off_when_sharded"] and result["eval_cache_on_when_not"], method  # no extra copy
 
 
+@pytest.mark.slow
+def test_qlora_under_fsdp2_trains_like_one_process_and_linears_sharded_on_their_own_are_refused(tmp_path):
+    """peft's QLoRA+FSDP recipe (bnb_4bit_quant_storage=bfloat16, decoder layers and model fully_shard-ed): FSDP puts
+    plain Parameters in place of the Params4bit, and the quantization state is read from the module, as bitsandbytes
+    does. The model computes in bfloat16, so sharded and unsharded runs (which round different batch shapes) agree
+    within one bf16 rounding (2^-8) per link of the model's chain of at most 16 operations."""
+    pytest.importorskip("bitsandbytes")
+    torchrun(str(WORKERS / "fsdp2_qlora.py"), str(tmp_path / "qlora.json"))
+    report = json.loads((tmp_path / "qlora.json").read_text())
+    bf16_chain = 16 * 2.0**-8
+    for method in ("dual", "d2"):
+        result = report[method]
+        assert result["base_sharded"], method
+        assert abs(result["loss"] - result["reference_loss"]) <= bf16_chain * result["reference_loss"], result
+        assert result["factor_grads"] == result["reference_factor_grads"] == 7 * 2 * 4, result
+        assert result["largest_grad_difference"] <= bf16_chain * result["largest_grad"], result
+        # the base Linears as FSDP units of their own: refused at the first forward, saying what to shard instead
+        assert "FSDP2 unit of its own" in result["per_linear_refused"], result
+        assert "apply fully_shard to the decoder layers and the model only" in result["per_linear_refused"]
+
+
 @pytest.mark.parametrize("name,kind", [("ddp.yaml", "MULTI_GPU"), ("fsdp.yaml", "FSDP")])
 def test_the_documented_accelerate_configs_parse(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file

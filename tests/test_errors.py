@@ -185,3 +185,28 @@ def test_corrupt_file_through_load_adapter_keeps_the_existing_adapter(tmp_path):
     with pytest.raises(ValueError, match="corrupt or truncated"):
         good.load_adapter(str(path), adapter_name="broken")
     assert_unchanged(good, snap)
+
+
+@pytest.mark.parametrize("config_cls", [DualLoraConfig, D2LoraConfig])
+def test_a_zero3_partition_that_was_not_gathered_is_refused_in_forward_and_merge(config_cls):
+    """What DeepSpeed ZeRO-3 leaves outside a gather (and under torch.compile, whose tracing its getter does not
+    gather in): an empty placeholder and the full shape in ``ds_shape``. The real ZeRO-3 run is in
+    tests/test_deepspeed.py; here the placeholder is made by hand, as DeepSpeed makes it, to reach both refusals."""
+    model = get_peft_model(tiny_llama(), config_cls(r=4, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    weight = layer.base_layer.weight
+    whole = weight.data
+    weight.ds_shape, weight.data = whole.shape, torch.empty(0)
+    placeholder = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    before = {k: v.clone() for k, v in model.state_dict().items() if k != placeholder}
+    with pytest.raises(RuntimeError, match=r"ZeRO-3 partition that was not gathered .*without torch\.compile"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(RuntimeError, match=r"(?s)needs the whole weights.*q_proj\.base_layer\.weight.*Nothing was "
+                                               r"changed.*GatheredParameters"):
+            merge()
+    assert not layer.merged and all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
+    weight.data = whole  # gathered: both work again
+    del weight.ds_shape
+    model.merge_adapter()
+    assert layer.merged

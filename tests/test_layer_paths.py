@@ -2,6 +2,7 @@
 autocast, gradient checkpointing, torch.compile, golden values per layer kind, the memory they keep and build,
 row blocks, the weight-gradient dtype, and the clip STE under float16."""
 
+import copy
 import math
 
 import pytest
@@ -230,6 +231,35 @@ def test_bfloat16_base_model_trains(method, inputs):
     model(inputs, labels=inputs).loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g.float()).all() for g in grads)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_factors_stored_in_bf16_still_build_the_update_in_float32(method, memory_efficient, inputs):
+    """FSDP's MixedPrecision(param_dtype=bf16), DeepSpeed bf16 and autocast_adapter_dtype=False hold the factors in
+    bf16. The products B A and D C (A_pos B_pos, A_neg B_neg) are built in float32 all the same: the model computes
+    exactly what float32 factors holding the same values compute (bf16 products flip Sign(D C) where |D C| is below
+    bf16's resolution: 5 % of dW), and each gradient is the float32 one rounded once to bf16."""
+    in_float32 = adapted("llama", method, memory_efficient=memory_efficient)
+    with torch.no_grad():
+        for name, p in in_float32.named_parameters():
+            if "_lora_" in name:
+                p.copy_(p.bfloat16().float())  # values that bf16 holds exactly
+    in_bf16 = copy.deepcopy(in_float32)
+    for name, p in in_bf16.named_parameters():
+        if "_lora_" in name:
+            p.data = p.data.bfloat16()
+    outputs = []
+    for model in (in_float32, in_bf16):
+        model.train()
+        output = model_output(model, inputs)
+        output.square().mean().backward()
+        outputs.append(output)
+    assert torch.equal(outputs[1], outputs[0])
+    grads = {name: p.grad for name, p in in_float32.named_parameters() if p.grad is not None}
+    for name, p in in_bf16.named_parameters():
+        if name in grads:
+            assert p.grad.dtype == torch.bfloat16 and torch.equal(p.grad, grads[name].bfloat16()), name
 
 
 # ----------------------------------------------------------------------------- memory, unload, new process

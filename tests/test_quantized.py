@@ -140,9 +140,11 @@ def test_the_memory_efficient_path_dequantizes_one_row_block_at_a_time(checkpoin
 @pytest.mark.parametrize("method", ["dual", "d2"])
 def test_disabling_the_adapter_gives_the_quantized_base_and_several_adapters_compose(checkpoints, method):
     quantized = quantized_base(checkpoints[64], "nf4-double")
-    with torch.no_grad():
-        base_logits = quantized(input_ids=IDS).logits
+    # the twin first: bitsandbytes' own eval-mode call below repacks 4-bit weights on AVX512-BF16 CPUs, and peft's
+    # dequantize_bnb_weight would misread them afterwards (the repacked reading is the next test's)
     dense = dequantized_twin(quantized, checkpoints[64])
+    with torch.no_grad():
+        base_logits = quantized_base(checkpoints[64], "nf4-double")(input_ids=IDS).logits  # the same bytes, unadapted
     models = [with_adapter(quantized, method), with_adapter(dense, method)]
     copy_adapter(*models)
     for model in models:
@@ -155,8 +157,6 @@ def test_disabling_the_adapter_gives_the_quantized_base_and_several_adapters_com
             for name, p in model.named_parameters():
                 if "_lora_" in name and ".second" in name:
                     p.copy_(torch.linspace(-0.2, 0.2, p.numel()).reshape(p.shape))
-        with models[0].disable_adapter():
-            assert torch.equal(models[0](input_ids=IDS).logits, base_logits)
         for active in (["second"], ["default", "second"]):
             outputs = []
             for model in models:
@@ -164,6 +164,95 @@ def test_disabling_the_adapter_gives_the_quantized_base_and_several_adapters_com
                 outputs.append(model(input_ids=IDS).logits)
             assert_float32_close(*outputs, msg=str(active))
         assert not torch.allclose(outputs[0], base_logits, atol=1e-3)
+        with models[0].disable_adapter():
+            assert torch.equal(models[0](input_ids=IDS).logits, base_logits)
+
+
+def repack_for_the_cpu_kernel(model) -> None:
+    """Every 4-bit weight in bitsandbytes' AVX512-BF16 CPU layout: by bitsandbytes' own eval-mode forward where this
+    CPU has the kernel, else by the same conversion applied by hand (so both layouts are read on every machine)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    if bnb.functional.has_avx512bf16():
+        with torch.no_grad(), model.disable_adapter():
+            model(input_ids=IDS)
+    for m in model.modules():
+        if type(m).__name__ == "Linear4bit" and not getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+
+
+def as_held_after_the_repack(layer) -> torch.Tensor:
+    """What a 4-bit weight holds once repacked, by bitsandbytes' own dequantization: its codes times its absmax
+    rounded to bfloat16 (the repacking stores the absmax so, and its kernel computes with it)."""
+    state = layer.weight.quant_state
+    absmax = state.absmax.float()
+    if state.nested:
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    rounded = bnb.functional.QuantState(absmax=absmax.float().bfloat16().float(), shape=state.shape, code=state.code,
+                                        blocksize=state.blocksize, quant_type=state.quant_type, dtype=torch.float32)
+    return bnb.functional.dequantize_4bit(layer.weight.data, rounded).float()
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+@pytest.mark.parametrize("quantization", ["nf4-double", "nf4"])
+def test_a_4bit_weight_repacked_for_the_cpu_kernel_is_read_as_bitsandbytes_holds_it(checkpoints, method,
+                                                                                    quantization):
+    """Once bitsandbytes repacks a 4-bit weight (any eval-mode call of the base layer on an AVX512-BF16 CPU, e.g.
+    under disable_adapter), outputs, gradients and merges are those of the dense model holding what bitsandbytes
+    now holds, as before the repack they were those of the weight it held then."""
+    quantized = quantized_base(checkpoints[64], quantization)
+    held = {name: as_held_after_the_repack(m) for name, m in quantized.named_modules()
+            if type(m).__name__ == "Linear4bit"}
+    before, after = dequantized_twin(quantized, checkpoints[64]), LlamaForCausalLM.from_pretrained(checkpoints[64])
+    with torch.no_grad():
+        for name, m in after.named_modules():
+            if name in held:
+                m.weight.copy_(held[name])
+    models = [with_adapter(m, method) for m in (quantized, before, after)]
+    copy_adapter(models[0], models[1]), copy_adapter(models[0], models[2])
+    for model in models:
+        model.eval()
+    with torch.no_grad():
+        logits_before = models[0](input_ids=IDS).logits  # through the adapted layers only: nothing repacked yet
+        assert_float32_close(logits_before, models[1](input_ids=IDS).logits)
+    repack_for_the_cpu_kernel(models[0])
+    layers = dict(models[0].named_modules())
+    for name, wanted in held.items():
+        layer = layers["base_model.model." + name]
+        assert layer.get_base_layer().weight.quant_state.packing_format_for_cpu, name
+        assert torch.equal(layer.base.full(), wanted), name
+        # the repack moved W0 by the bfloat16 rounding of its absmax only: half a bf16 ulp, 2^-8 relative
+        w0 = dict(models[1].named_modules())["base_model.model." + name].base.full()
+        assert ((wanted - w0).abs() <= 2.0**-8 * w0.abs()).all(), name
+    with torch.no_grad():
+        assert_float32_close(models[0](input_ids=IDS).logits, models[2](input_ids=IDS).logits)
+    models[0].train(), models[2].train()
+    loss_q, grads_q = loss_and_grads(models[0], IDS)
+    loss_d, grads_d = loss_and_grads(models[2], IDS)
+    assert_float32_close(loss_q, loss_d)
+    for name in grads_d:
+        assert_float32_close(grads_q[name], grads_d[name], msg=name)
+    models[0].eval(), models[2].eval()
+    merged = models[0].merge_and_dequantize(dtype=torch.float32)
+    with torch.no_grad():
+        assert_float32_close(merged(input_ids=IDS).logits, models[2].merge_and_unload()(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_a_4bit_weight_that_fsdp_replaced_by_a_plain_parameter_is_read_with_the_modules_state(checkpoints, method):
+    """FSDP's flat-parameter views are plain Parameters without ``quant_state``; bitsandbytes keeps the state on the
+    module for that case, and the adapters read it there (before: "object has no attribute 'base'")."""
+    model = with_adapter(quantized_base(checkpoints[64], "nf4"), method).eval()
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    for m in layers:
+        m.weight = torch.nn.Parameter(m.weight.data, requires_grad=False)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, expected)
+    del layers[0].quant_state  # neither on the weight nor on the module: the error says so, under its own name
+    with pytest.raises(ValueError, match=r"Linear4bit has not been quantized yet"):
+        model(input_ids=IDS)
 
 
 def packed(model):

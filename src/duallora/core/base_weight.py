@@ -6,6 +6,11 @@ In the memory-efficient forward and backward a quantized ``W0`` is never dequant
 weight in blocks of ``blocksize`` elements (4-bit, each with its own absmax) or per row (8-bit, one scale per
 row), so a block of output rows dequantizes on its own as long as it does not split a quantization block. Merges
 dequantize whole (in float32), as peft does for LoRA on these layers, and write back by quantizing again.
+
+A 4-bit weight is read in whichever of bitsandbytes' two layouts it is in *now*: on CPUs with AVX512-BF16,
+``Linear4bit.forward`` repacks its weight in place for its CPU kernel the first time it runs in eval mode without
+grad (tiles of 32 rows, the absmax transposed and rounded to bfloat16). A reader that knew only the first layout
+would misread every weight after one such call, silently.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import torch
 from packaging.version import Version
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .watch import full_shape
 
 # bitsandbytes releases with the CPU backend (and 4-bit dequantization there) that these layers need
 MIN_BITSANDBYTES = "0.45.0"
@@ -73,6 +80,12 @@ class BaseWeight(WeightRows):
         return w.t() if isinstance(self.layer, Conv1D) else w
 
     @property
+    def shape(self) -> torch.Size:
+        """``(out, in)``, also for a ZeRO-3 partition, whose data is empty outside a gather (:func:`full_shape`)."""
+        shape = full_shape(self.layer.weight)
+        return torch.Size(reversed(shape)) if isinstance(self.layer, Conv1D) else shape
+
+    @property
     def device(self) -> torch.device:
         return self.layer.weight.device
 
@@ -120,13 +133,55 @@ class QuantizedWeight(BaseWeight):
         self.layer.weight = snapshot
 
 
+# Rows per tile of bitsandbytes' CPU layout (the block_n default of its _convert_weight_packed_for_cpu, which the
+# quant state does not record).
+CPU_PACKED_TILE_ROWS = 32
+
+
+def quant_state_of(layer: nn.Module):
+    """A 4-bit layer's ``QuantState``, as bitsandbytes' own forward finds it: on the weight, or, where FSDP replaced
+    the ``Params4bit`` with a plain Parameter (QLoRA with ``bnb_4bit_quant_storage``), on the module, which
+    bitsandbytes keeps for that case (``fix_4bit_weight_quant_state_from_module``). None if the layer has neither."""
+    state = getattr(layer.weight, "quant_state", None)
+    return state if state is not None else getattr(layer, "quant_state", None)
+
+
+def is_cpu_packed(state) -> bool:
+    """Whether a 4-bit weight is in bitsandbytes' AVX512-BF16 CPU layout (see the module docstring)."""
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def unpack_cpu_tiles(packed: torch.Tensor, rows: int, in_features: int) -> torch.Tensor:
+    """The 4-bit codes ``(rows, in)`` of whole tiles of bitsandbytes' CPU layout, from their bytes ``(rows, in / 2)``.
+
+    That layout stores, per tile of ``CPU_PACKED_TILE_ROWS`` rows and per pair of columns ``(2j, 2j + 1)``, the 64
+    codes of the tile's rows at both columns, ordered ``(row, column)``: the first 32 in the low nibbles of 32
+    bytes, the last 32 in their high nibbles. A tile's bytes are contiguous, so a tile-aligned run of rows unpacks on
+    its own."""
+    half = in_features // 2
+    nibbles = packed.reshape(-1, 32)
+    codes = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1)  # (tiles * half, 64): the low half first
+    codes = codes.reshape(rows // CPU_PACKED_TILE_ROWS, half, CPU_PACKED_TILE_ROWS, 2)
+    return codes.transpose(1, 2).reshape(rows, in_features)
+
+
 class Bnb4bitWeight(QuantizedWeight):
-    """bitsandbytes' 4-bit ``W0`` (NF4 or FP4): packed bytes, one absmax per ``blocksize`` elements of the flattened
-    weight (itself 8-bit quantized in blocks of its own with ``compress_statistics``)."""
+    """bitsandbytes' 4-bit ``W0`` (NF4 or FP4), ``W[i, j] = code[q[i, j]] * absmax[block of (i, j)]``, in either layout:
+
+    - as quantized: two codes per byte in row-major order, one absmax per ``blocksize`` elements of the flattened
+      weight (itself 8-bit quantized in blocks of its own with ``compress_statistics``);
+    - repacked for the CPU kernel (:func:`is_cpu_packed`): tiles of 32 rows (:func:`unpack_cpu_tiles`), the absmax
+      dequantized, rounded to bfloat16 and stored as ``(in / blocksize, out)``. bitsandbytes' own kernel computes with
+      that rounded absmax from then on, so this reader does too: ``W0`` is the weight the layer now holds.
+    """
 
     @property
     def state(self):
-        return self.layer.weight.quant_state
+        return quant_state_of(self.layer)
+
+    @property
+    def packed_for_cpu(self) -> bool:
+        return is_cpu_packed(self.state)
 
     @property
     def shape(self) -> torch.Size:
@@ -134,13 +189,18 @@ class Bnb4bitWeight(QuantizedWeight):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.state.dtype
+        """The dtype the weight was quantized from (the CPU repacking sets the state's dtype to bfloat16 for its
+        kernel and keeps the original aside)."""
+        state = self.state
+        return state.original_dtype if is_cpu_packed(state) else state.dtype
 
     @property
     def row_multiple(self) -> int:
-        """Any number of rows when a row is a whole number of quantization blocks (``in % blocksize == 0``, as in
-        every LLaMA-type width); else one block of the whole matrix (bitsandbytes' CPU kernel dequantizes such a
-        weight in an order of its own, so a block of rows may not be cut out of it)."""
+        """Whole tiles of the CPU layout; else any number of rows when a row is a whole number of quantization blocks
+        (``in % blocksize == 0``, as in every LLaMA-type width); else one block of the whole matrix (bitsandbytes'
+        CPU kernel dequantizes such a weight in an order of its own, so a block of rows may not be cut out of it)."""
+        if self.packed_for_cpu:
+            return CPU_PACKED_TILE_ROWS
         return 1 if self.shape[1] % self.state.blocksize == 0 else self.shape[0]
 
     def _absmax(self, first: int, last: int) -> torch.Tensor:
@@ -164,6 +224,8 @@ class Bnb4bitWeight(QuantizedWeight):
 
         state, in_features = self.state, self.shape[1]
         start, stop = s.start, min(s.stop, self.shape[0])
+        if is_cpu_packed(state):
+            return self._cpu_packed_rows(start, stop, dtype)
         first, last = start * in_features, stop * in_features  # elements of the flattened weight
         block = bnbf.QuantState(absmax=self._absmax(first // state.blocksize, -(-last // state.blocksize)),
                                 shape=torch.Size([stop - start, in_features]), code=state.code,
@@ -172,12 +234,24 @@ class Bnb4bitWeight(QuantizedWeight):
         packed = self.layer.weight.data.reshape(-1).view(torch.uint8)
         return bnbf.dequantize_4bit(packed[first // 2: last // 2], block).to(dtype)
 
+    def _cpu_packed_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``start:stop`` of a weight in the CPU layout: the tiles that cover them are unpacked (a block that
+        does not start on a tile, as a backward after a repack may ask for, reads its whole tiles and cuts)."""
+        state, in_features = self.state, self.shape[1]
+        tile = CPU_PACKED_TILE_ROWS
+        first, last = start // tile * tile, min(-(-stop // tile) * tile, self.shape[0])
+        packed = self.layer.weight.data.view(torch.uint8).reshape(self.shape[0], in_features // 2)
+        codes = unpack_cpu_tiles(packed[first:last], last - first, in_features)
+        absmax = state.absmax[:, first:last].t().float().repeat_interleave(state.blocksize, dim=1)
+        return (state.code[codes.long()] * absmax)[start - first: stop - first].to(dtype)
+
     def watched(self) -> list[torch.Tensor]:
         return [self.layer.weight, self.state.absmax]
 
     @torch.no_grad()
     def write(self, w: torch.Tensor) -> Optional[float]:
-        """Quantize ``w`` again into a new 4-bit weight with the old one's settings (peft's rule for bnb layers)."""
+        """Quantize ``w`` again into a new 4-bit weight with the old one's settings (peft's rule for bnb layers), in
+        the quantized layout (bitsandbytes repacks it again for its CPU kernel when it needs to)."""
         import bitsandbytes as bnb
 
         old = self.layer.weight
@@ -201,7 +275,7 @@ class Bnb8bitWeight(QuantizedWeight):
         return torch.float16  # what bitsandbytes' int8 layers compute in
 
     def scales(self) -> torch.Tensor:
-        scb = self.layer.weight.SCB
+        scb = getattr(self.layer.weight, "SCB", None)  # a plain Parameter where FSDP replaced the Int8Params
         return self.layer.state.SCB if scb is None else scb
 
     def rows(self, s: slice, dtype: torch.dtype) -> torch.Tensor:
@@ -255,8 +329,8 @@ def base_weight_of(layer: nn.Module) -> BaseWeight:
             raise ValueError("A Linear8bitLt with has_fp16_weights=True trains its own fp16 weight and quantizes it on "
                              "every call, so it has no frozen W0 to adapt: load the base with load_in_8bit=True and "
                              "the default has_fp16_weights=False.")
-        quantized = (weight.quant_state if name == "Linear4bit"
-                     else weight.SCB if weight.SCB is not None else layer.state.SCB)
+        quantized = (quant_state_of(layer) if name == "Linear4bit"
+                     else Bnb8bitWeight(layer).scales())
         if quantized is None:
             raise ValueError(f"The {type(layer).__name__} has not been quantized yet (bitsandbytes quantizes when the layer moves to "
                              "its device): load the model with quantization_config, or call .to(device) first.")

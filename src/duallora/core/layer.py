@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from .base_weight import BaseWeight, base_weight_of, bitsandbytes_kind
 from .blocked import KernelOptions, autocast_dtype, blocked_weight
-from .watch import fingerprint, is_sharded
+from .watch import fingerprint, full_shape, is_sharded, is_zero3_partition
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 # packages whose Linear subclasses hold quantized weights: bitsandbytes' two are adapted, the others refused by name
@@ -57,6 +58,18 @@ def unsupported_layer_error(module: nn.Module, name: str = "") -> TypeError:
     return TypeError(
         f"Target module{where} is a {type(module).__module__}.{type(module).__name__}, which cannot be adapted.{why} "
         f"Supported: {SUPPORTED}. Choose other `target_modules`."
+    )
+
+
+def zero3_merge_error(action: str, partitioned: list[str]) -> RuntimeError:
+    """The error for a merge or unmerge under DeepSpeed ZeRO-3 outside a gather (peft's LoRA changes nothing there,
+    silently: it computes on the empty placeholders)."""
+    return RuntimeError(
+        f"{action} under DeepSpeed ZeRO-3 needs the whole weights, but {len(partitioned)} parameter(s) are partitions "
+        f"now (e.g. {partitioned[:3]}): here their data is an empty placeholder, so the merge would write nothing and "
+        "the model would then run its base weights alone. Nothing was changed. Gather them on every process first:\n"
+        "    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):\n"
+        f"        model.{action}()"
     )
 
 
@@ -93,7 +106,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
 
     def adapted_weight(self, adapter_name: str, w_in: torch.Tensor, factors=None) -> torch.Tensor:
         """Differentiable ``f(W_in)`` for one adapter, ``(out, in)``, computed in the dtype of ``factors`` (default:
-        the adapter's own)."""
+        the adapter's own, as :meth:`compute_factors` gives them)."""
         raise NotImplementedError
 
     def fused_linear(self, adapter_name, x, w0, bias, with_base: bool) -> torch.Tensor:
@@ -122,6 +135,13 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         """The trainable factors of one adapter, in the order of ``adapter_layer_names``."""
         return tuple(getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
 
+    def compute_factors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """The factors as every forward computes with them: in float32 at least, whatever they are stored in (bf16
+        under FSDP ``MixedPrecision(param_dtype=bf16)``, DeepSpeed bf16 or ``autocast_adapter_dtype=False``). The cast
+        is differentiable (the gradient returns in the storage dtype) and costs a copy of the small factors; products
+        built in bf16 would flip Sign(D C) wherever |D C| is below bf16's resolution, a change of 2 |dW| there."""
+        return tuple(f if f.dtype in (torch.float32, torch.float64) else f.float() for f in self.factors(adapter_name))
+
     def factor_tensors(self, adapter_name: str) -> list[torch.Tensor]:
         """Every tensor that ``f`` reads for this adapter (the eval cache watches them)."""
         return list(self.factors(adapter_name))
@@ -135,7 +155,11 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
     def base(self) -> BaseWeight:
         """The reader of ``W0`` as ``(out, in)``, whatever the layer stores: Conv1D's ``(in, out)``, a bitsandbytes
         layer's packed bytes. Made afresh from ``base_layer`` (cheap), so a replaced base weight is never missed."""
-        return base_weight_of(self.base_layer)
+        try:
+            return base_weight_of(self.base_layer)
+        except AttributeError as err:
+            # an AttributeError escaping a property is renamed by nn.Module.__getattr__ to "no attribute 'base'"
+            raise RuntimeError(f"Reading W0 of the base layer {type(self.base_layer).__name__} failed: {err!r}") from err
 
     def base_weight(self) -> torch.Tensor:
         """``W0`` as ``(out, in)``: a view of a dense weight (no copy), a quantized one dequantized (float32)."""
@@ -170,6 +194,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         active = self._present_active_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
+        self._check_base_is_whole()
         self.before_adapter_forward(active, x)
         bias = self.base_layer.bias
         if self._eval_cache_applies(active):
@@ -191,11 +216,37 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
                 "set lora_dropout=0 or activate a single adapter."
             )
         with torch.autocast(x.device.type, enabled=False):  # the factors' precision, as the fused path's
-            weight = w0.whole(self.factors(active[0])[0].dtype)
+            weight = w0.whole(self.compute_factors(active[0])[0].dtype)
             for name in active:
                 weight = self.adapted_weight(name, weight)
         dtype = autocast_dtype(x)
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    def _check_base_is_whole(self) -> None:
+        """The adapter reads ``W0`` itself, outside the base layer's forward: refuse, before any work, the wrappings
+        under which ``W0`` is not whole there (they would crash deep inside, or compute on a placeholder)."""
+        weight = self.get_base_layer().weight
+        where = f"{type(self.get_base_layer()).__name__} ({self.in_features} -> {self.out_features} features)"
+        if isinstance(weight, DTensor):
+            raise RuntimeError(
+                f"W0 of an adapted {where} is still a sharded DTensor ({weight.placements}) when the adapter reads it. "
+                "Either its nn.Linear is an FSDP2 unit of its own (fully_shard applied to the Linear, or a size-based "
+                "wrap policy): Dual LoRA and D2-LoRA read W0 in their own forward, not through the Linear's, so FSDP "
+                "never unshards it; apply fully_shard to the decoder layers and the model only (as peft's "
+                "fsdp_auto_wrap_policy does). Or the weight is tensor-parallel, which these methods do not support: "
+                "use FSDP2 or DeepSpeed ZeRO instead."
+            )
+        if is_zero3_partition(weight):
+            raise RuntimeError(
+                f"W0 of an adapted {where} is a DeepSpeed ZeRO-3 partition that was not gathered when the adapter read "
+                "it. DeepSpeed gathers a parameter on access in an eager forward, but not while torch.compile traces "
+                "(or outside the engine's forward). Under ZeRO-3, run the model without torch.compile, or use "
+                "ZeRO-2 or FSDP2 with it."
+            )
+
+    def partitioned_parameters(self) -> list[str]:
+        """This layer's parameters that are ZeRO-3 partitions now, by name (nothing can be merged into or from them)."""
+        return [name for name, p in self.named_parameters() if is_zero3_partition(p)]
 
     def _adapter_linear(self, name, x, w0, bias, with_base: bool) -> torch.Tensor:
         if self.memory_efficient[name]:
@@ -204,7 +255,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         # would flip Sign(D C) wherever |D C| is below bf16's resolution, a change of 2 |dW| there, not a rounding
         with torch.autocast(x.device.type, enabled=False):
             # the plain path builds whole matrices (it is the reference; a quantized W0 is dequantized whole here)
-            w0 = w0.whole(self.factors(name)[0].dtype)
+            w0 = w0.whole(self.compute_factors(name)[0].dtype)
             weight = self.adapted_weight(name, w0)
             if not with_base:
                 weight = weight - w0.to(weight.dtype)
@@ -276,6 +327,8 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         adapter_names = [name for name in adapter_names if name in factors]
         if not adapter_names:
             return
+        if self.partitioned_parameters():
+            raise zero3_merge_error("merge_adapter", self.partitioned_parameters())
         weight, records = self._merged_weight(adapter_names)
         if safe_merge:
             problems = self.merge_problems(adapter_names, weight)
@@ -326,6 +379,8 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        if self.partitioned_parameters():
+            raise zero3_merge_error("unmerge_adapter", self.partitioned_parameters())
         if self._unmerged_base is not None:
             self.base.restore(self._unmerged_base)
             self._unmerged_base, self.rounding_error = None, None

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from .base_weight import base_weight_of
-from .layer import AdaptedLayer, Conv1D, is_adaptable, is_quantized_bitsandbytes, unsupported_layer_error
+from .layer import (AdaptedLayer, Conv1D, is_adaptable, is_quantized_bitsandbytes, unsupported_layer_error,
+                    zero3_merge_error)
+from .watch import full_shape
 
 _PEFT_KEY_PREFIX = "base_model.model."
 
@@ -106,13 +108,26 @@ class AdaptedWeightTuner(BaseTuner):
                 "(learning rate, loss scaling)."
             )
 
+    def _check_whole_weights(self, action: str) -> None:
+        """Every layer first: under ZeRO-3 outside a gather, refuse before any layer is touched."""
+        partitioned = [f"{name}.{param}" for name, m in self._adapted_layers() for param in m.partitioned_parameters()]
+        if partitioned:
+            raise zero3_merge_error(action, partitioned)
+
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_whole_weights("merge_adapter")
         if safe_merge:
             self._check_merge_finite(adapter_names)  # all layers first: a failure must not leave half a merge
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
         _report_rounding(self._adapted_layers())
 
+    def unmerge_adapter(self) -> None:
+        self._check_whole_weights("unmerge_adapter")
+        super().unmerge_adapter()
+
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            self._check_whole_weights("merge_and_unload")
         if merge and safe_merge:
             self._check_merge_finite(adapter_names)
         layers = self._adapted_layers()  # kept: unloading takes them out of the model
@@ -137,6 +152,7 @@ class AdaptedWeightTuner(BaseTuner):
         layers = self._adapted_layers()
         if not any(layer.base.quantized for _, layer in layers):
             return self.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
+        self._check_whole_weights("merge_and_dequantize")
         if safe_merge:
             self._check_merge_finite(adapter_names)
         dtype = dtype or _config_dtype(self.model)
@@ -216,10 +232,10 @@ def check_adapter_file(model: nn.Module, adapter_dir: str, layer_cls: type[Adapt
         module_name, _, param_name = bare.rpartition(".")
         if param_name in layer_cls.factor_dims:
             _check_factor_shape(path, modules, module_name, param_name, shape, layer_cls.factor_dims[param_name])
-        elif bare in params and tuple(params[bare].shape) != shape:
+        elif bare in params and tuple(full_shape(params[bare])) != shape:
             raise ValueError(
                 f"The adapter {path} does not fit this base model: it holds {bare} with shape {shape}, but the model's "
-                f"{bare} has shape {tuple(params[bare].shape)}. Load it onto the base model it was trained with."
+                f"{bare} has shape {tuple(full_shape(params[bare]))}. Load it onto the base model it was trained with."
             )
 
 

@@ -39,3 +39,14 @@ def is_sharded(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor) or hasattr(t, "ds_id") or bool(getattr(t, "_fsdp_flattened", False))
+
+
+def full_shape(t: torch.Tensor) -> torch.Size:
+    """The shape ``t`` has as a whole: a DeepSpeed ZeRO-3 parameter's ``ds_shape`` (outside a gather its data is an
+    empty placeholder of shape ``(0,)``: a model built under ``zero.Init`` is so from the start), else its own."""
+    return torch.Size(getattr(t, "ds_shape", t.shape))
+
+
+def is_zero3_partition(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DeepSpeed ZeRO-3 parameter that is not gathered now (its values are elsewhere)."""
+    return hasattr(t, "ds_shape") and tuple(t.shape) != tuple(t.ds_shape)

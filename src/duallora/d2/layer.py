@@ -75,7 +75,7 @@ class D2LoraLayer(AdaptedLayer):
 
     def adapted_weight(self, adapter_name: str, w_in: torch.Tensor, factors=None) -> torch.Tensor:
         opts = self.d2_options[adapter_name]
-        factors = factors or self.factors(adapter_name)
+        factors = factors or self.compute_factors(adapter_name)
         return d2_weight(
             w_in.to(factors[0].dtype), *factors, opts.scaling, opts.tau,
             self._input_norm(adapter_name, w_in), opts.norm_axis, opts.detach_norm,
@@ -83,7 +83,7 @@ class D2LoraLayer(AdaptedLayer):
 
     def fused_linear(self, adapter_name, x, w0, bias, with_base: bool) -> torch.Tensor:
         opts = self.d2_options[adapter_name]
-        return d2_linear(x, w0, bias, *self.factors(adapter_name), self._input_norm(adapter_name, w0), opts.scaling,
+        return d2_linear(x, w0, bias, *self.compute_factors(adapter_name), self._input_norm(adapter_name, w0), opts.scaling,
                          opts.tau, opts.norm_axis, opts.detach_norm, with_base, self.kernel_options[adapter_name])
 
     def weight_rows(self, adapter_name: str, w0: torch.Tensor, factors):

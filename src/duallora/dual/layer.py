@@ -97,7 +97,7 @@ class DualLoraLayer(AdaptedLayer):
         (default: the adapter's own, at the current warm-up step)."""
         opts = self.dual_options[adapter_name]
         return dual_delta_weight(
-            *(factors or self.factors(adapter_name)), self.warmup_coef(adapter_name) if coef is None else coef,
+            *(factors or self.compute_factors(adapter_name)), self.warmup_coef(adapter_name) if coef is None else coef,
             opts.magnitude_activation, opts.direction_activation, opts.ste,
         )
 
@@ -107,7 +107,7 @@ class DualLoraLayer(AdaptedLayer):
 
     def fused_linear(self, adapter_name, x, w0, bias, with_base: bool) -> torch.Tensor:
         opts = self.dual_options[adapter_name]
-        return dual_linear(x, w0, bias, *self.factors(adapter_name), self.warmup_coef(adapter_name), with_base,
+        return dual_linear(x, w0, bias, *self.compute_factors(adapter_name), self.warmup_coef(adapter_name), with_base,
                            opts.magnitude_activation, opts.direction_activation, opts.ste,
                            self.kernel_options[adapter_name])
 
