@@ -1,6 +1,10 @@
-"""Tiny random models built from configs (no download), one per supported layer kind."""
+"""Tiny random models built from configs (no download), one per supported layer kind; tiny checkpoints and data on
+disk; the bounds and helpers of the runs of several processes."""
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -200,3 +204,51 @@ def bigbench_env(tiny_bigbench, tmp_path, monkeypatch):
     monkeypatch.setenv("DUALLORA_BIGBENCH_ARCHIVE", str(tiny_bigbench))
     monkeypatch.setenv("DUALLORA_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+# ----------------------------------------------------------------------------- runs of several processes
+# AdamW's update of an element is lr * m_hat / (sqrt(v_hat) + eps). By Cauchy-Schwarz, |m| / sqrt(v) <= (1 - b1) /
+# sqrt((1 - b2) (1 - b1^2 / b2)) = 7.3 for b1 = 0.9, b2 = 0.999, whatever the gradients, and the bias corrections
+# multiply that by sqrt(1 - b2^t) / (1 - b1^t) <= 1. Where a gradient is a near-cancellation its sign is rounding's,
+# so two runs whose gradients differ by rounding can drift apart by up to 2 x 7.3 x lr per step: weights after AdamW
+# are held to that; losses and gradients, which such an element barely moves, to the reorder bound.
+ADAMW_UPDATE_BOUND = 0.1 / (0.001 * (1 - 0.81 / 0.999)) ** 0.5
+
+
+@pytest.fixture(scope="session")
+def bert_without_dropout(tiny_checkpoints, tmp_path_factory) -> Path:
+    """The tiny BERT with dropout off: one process on 2b examples and two on b each draw different dropout masks,
+    so only a dropout-free model can give the same adapter."""
+    directory = tmp_path_factory.mktemp("bert-no-dropout")
+    shutil.copytree(tiny_checkpoints["bert"], directory, dirs_exist_ok=True)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def run_flags(model_dir, tiny_csv, out, batch_size, method="dual", max_steps=6):
+    """`duallora train` flags of the multi-process comparisons: the tiny classifier on the tiny CSV, AdamW at 5e-3,
+    an evaluation and a checkpoint every 3 steps."""
+    return ["--method", method, "--model", str(model_dir), "--task", str(tiny_csv),
+            "--text-column", "text", "--label-column", "label", "--output-dir", str(out), "--max-length", "16",
+            "--batch-size", str(batch_size), "--lr", "5e-3", "--max-steps", str(max_steps), "--eval-every", "3",
+            "--save-every", "3", "--max-eval-examples", "23", "--warmup-steps", "2", "--rank", "4"]
+
+
+def max_difference(a: Path, b: Path) -> float:
+    """The largest difference between the adapters saved in two run directories."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def adamw_bound(lr: float, steps: int) -> float:
+    """How far two AdamW runs from the same weights can drift apart when their gradients differ by rounding."""
+    return 2 * ADAMW_UPDATE_BOUND * lr * steps
+
+
+def assert_same_losses(a: list[float], b: list[float]) -> None:
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=FLOAT32_REORDER_RTOL, atol=0.0)

@@ -3,7 +3,6 @@ one process on the whole batch, the processes stay identical after every step, a
 like unsharded ones."""
 
 import json
-import shutil
 from dataclasses import asdict, replace
 import socket
 import subprocess
@@ -12,23 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import FLOAT32_REORDER_RTOL
+from conftest import FLOAT32_REORDER_RTOL, adamw_bound, assert_same_losses, max_difference, run_flags
 
 from duallora.app.cli import main
 from duallora.app.run_config import RunConfig
 from duallora.app.train import train
 
 WORKERS = Path(__file__).parent / "workers"
-
-# AdamW's update of an element is lr * m_hat / (sqrt(v_hat) + eps). By Cauchy-Schwarz, |m| / sqrt(v) <= (1 - b1) /
-# sqrt((1 - b2) (1 - b1^2 / b2)) = 7.3 for b1 = 0.9, b2 = 0.999, whatever the gradients, and the bias corrections
-# multiply that by sqrt(1 - b2^t) / (1 - b1^t) <= 1. Where a gradient is a near-cancellation its sign is rounding's,
-# so two runs whose gradients differ by rounding can drift apart by up to 2 x 7.3 x lr per step: weights after AdamW
-# are held to that; losses and gradients, which such an element barely moves, to the reorder bound.
-ADAMW_UPDATE_BOUND = 0.1 / (0.001 * (1 - 0.81 / 0.999)) ** 0.5
-
 
 def torchrun(*args, processes: int = 2) -> subprocess.CompletedProcess:
     """``torchrun`` of ``args`` on this machine's CPUs. (``accelerate launch`` starts several processes through
@@ -43,45 +33,11 @@ def torchrun(*args, processes: int = 2) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture(scope="module")
-def bert_without_dropout(tiny_checkpoints, tmp_path_factory) -> Path:
-    """The tiny BERT with dropout off: one process on 2b examples and two on b each draw different dropout masks,
-    so only a dropout-free model can give the same adapter."""
-    directory = tmp_path_factory.mktemp("bert-no-dropout")
-    shutil.copytree(tiny_checkpoints["bert"], directory, dirs_exist_ok=True)
-    config = json.loads((directory / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
-
-
-def flags(model_dir, tiny_csv, out, batch_size, method="dual"):
-    return ["--method", method, "--model", str(model_dir), "--task", str(tiny_csv),
-            "--text-column", "text", "--label-column", "label", "--output-dir", str(out), "--max-length", "16",
-            "--batch-size", str(batch_size), "--lr", "5e-3", "--max-steps", "6", "--eval-every", "3",
-            "--save-every", "3", "--max-eval-examples", "23", "--warmup-steps", "2", "--rank", "4"]
-
-
-def max_difference(a: Path, b: Path) -> float:
-    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
-    assert wa.keys() == wb.keys()
-    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
-
-
-def adamw_bound(lr: float, steps: int) -> float:
-    """How far two AdamW runs from the same weights can drift apart when their gradients differ by rounding."""
-    return 2 * ADAMW_UPDATE_BOUND * lr * steps
-
-
-def assert_same_losses(a: list[float], b: list[float]) -> None:
-    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=FLOAT32_REORDER_RTOL, atol=0.0)
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_give_the_adapter_of_one_process_on_twice_the_batch(bert_without_dropout, tiny_csv,
                                                                                    tmp_path):
-    two = torchrun("-m", "duallora", "train", *flags(bert_without_dropout, tiny_csv, tmp_path / "two", batch_size=4))
-    assert main(["train", *flags(bert_without_dropout, tiny_csv, tmp_path / "one", batch_size=8)]) == 0
+    two = torchrun("-m", "duallora", "train", *run_flags(bert_without_dropout, tiny_csv, tmp_path / "two", batch_size=4))
+    assert main(["train", *run_flags(bert_without_dropout, tiny_csv, tmp_path / "one", batch_size=8)]) == 0
     assert max_difference(tmp_path / "one", tmp_path / "two") <= adamw_bound(5e-3, 6)
     one_metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two_metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
@@ -152,6 +108,28 @@ def test_fsdp2_sharded_layers_train_like_unsharded_ones(tmp_path):
             assert weight_diff <= bound, (method, result)
         assert result["eval_logits"] <= FLOAT32_REORDER_RTOL, method
         assert result["eval_cache_off_when_sharded"] and result["eval_cache_on_when_not"], method  # no extra copy
+
+
+@pytest.mark.slow
+def test_fsdp1_with_peft_auto_wrap_trains_like_one_process(tmp_path):
+    """What accelerate applies to a PEFT model under FSDP1: each factor (a leaf module with a trainable weight) is a
+    unit of its own, for both use_orig_params settings, on a float32 base and on a bf16 base with float32 factors
+    (before: "Must flatten tensors with uniform requires_grad", and "uniform dtype"). SGD, as in the FSDP2 test: after
+    each step the factors differ by at most lr times the gradients' difference (the reorder bound of the largest
+    gradient in float32, one bf16 rounding per link of a chain of 16 in bf16), plus one rounding of each factor,
+    and a factor's difference changes later gradients by a factor (1 + lr |H|)^3 <= 2."""
+    torchrun(str(WORKERS / "fsdp1_step.py"), str(tmp_path / "fsdp1.json"))
+    report = json.loads((tmp_path / "fsdp1.json").read_text())
+    eps = torch.finfo(torch.float32).eps
+    runs = [k for k in report if k not in ("world_size", "lr")]
+    assert len(runs) == 8 and report["world_size"] == 2
+    for run in runs:
+        result = report[run]
+        assert result["factor_units"] == 7 * 2 * 4 and result["same_names"] and result["moved"], run
+        rtol = FLOAT32_REORDER_RTOL if "float32" in run else 16 * 2.0**-8
+        assert max(result["loss"]) <= rtol, (run, result)
+        bound = 2 * sum(report["lr"] * rtol * g + eps * result["largest_factor"] for g in result["largest_grads"])
+        assert result["factor_difference"] <= bound, (run, result)
 
 
 @pytest.mark.slow

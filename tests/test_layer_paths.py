@@ -47,7 +47,7 @@ def test_eval_cache_sees_writes_through_data(method, write, inputs):
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         first = model_output(model, inputs)
-        target = getattr(layer, layer.adapter_layer_names[0])["default"] if write == "factor" else \
+        target = layer.factors("default")[0] if write == "factor" else \
             layer.base_layer.weight
         target.data.mul_(1.5)
         changed = model_output(model, inputs)
@@ -168,7 +168,7 @@ def test_dual_init_std_default_and_options():
     def stds(**kw):
         model = get_peft_model(tiny_llama(), DualLoraConfig(r=8, target_modules=["up_proj"], **kw))
         layer = model.base_model.model.model.layers[0].mlp.up_proj  # in = 32, r1 = r2 = 4
-        return {n: float(getattr(layer, n)["default"].std()) for n in layer.adapter_layer_names}
+        return {n: float(getattr(layer, n)["default"].weight.std()) for n in layer.adapter_layer_names}
 
     default = stds()
     assert all(abs(s - 0.25 / math.sqrt(32)) < 0.15 * 0.25 / math.sqrt(32) for s in default.values())

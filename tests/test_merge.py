@@ -180,7 +180,7 @@ def test_a_non_finite_factor_shows_in_the_output_and_safe_merge_names_it(method,
     layer = model.base_model.model.model.layers[1].mlp.up_proj
     name = layer.adapter_layer_names[factor]
     with torch.no_grad():
-        getattr(layer, name)["default"][0, 0] = bad
+        getattr(layer, name)["default"].weight[0, 0] = bad
     model.train()
     loss = model(inputs, labels=inputs).loss
     assert not torch.isfinite(loss)  # as in LoRA: a GradScaler skips the step, NaN guards fire
@@ -194,7 +194,7 @@ def test_a_grad_scaler_skips_the_step_of_a_broken_direction_factor(inputs):
     model = trained_like(get_peft_model(tiny_llama(), CONFIGS["dual"]()))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
-        layer.dual_lora_C["default"][1, 2] = float("nan")
+        layer.dual_lora_C["default"].weight[1, 2] = float("nan")
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=1e-2)

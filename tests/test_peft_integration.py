@@ -41,13 +41,14 @@ def test_parameter_names_and_shapes_follow_the_spec():
     model = get_peft_model(tiny_llama(), DualLoraConfig(r=6, r1=2, target_modules=["up_proj"]))
     layer = model.base_model.model.model.layers[0].mlp.up_proj  # Linear(32 -> 64)
     shapes = {n: tuple(p.shape) for n, p in layer.named_parameters() if p.requires_grad}
-    assert shapes == {"dual_lora_A.default": (2, 32), "dual_lora_B.default": (64, 2),
-                      "dual_lora_C.default": (4, 32), "dual_lora_D.default": (64, 4)}
+    # each factor the weight of a leaf module of its own, as LoRA's lora_A.default.weight (FSDP1 wraps such leaves)
+    assert shapes == {"dual_lora_A.default.weight": (2, 32), "dual_lora_B.default.weight": (64, 2),
+                      "dual_lora_C.default.weight": (4, 32), "dual_lora_D.default.weight": (64, 4)}
     model = get_peft_model(tiny_llama(), D2LoraConfig(r=3, target_modules=["up_proj"]))
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     shapes = {n: tuple(p.shape) for n, p in layer.named_parameters() if p.requires_grad}
-    assert shapes == {"d2_lora_A_pos.default": (64, 3), "d2_lora_B_pos.default": (3, 32),
-                      "d2_lora_A_neg.default": (64, 3), "d2_lora_B_neg.default": (3, 32)}
+    assert shapes == {"d2_lora_A_pos.default.weight": (64, 3), "d2_lora_B_pos.default.weight": (3, 32),
+                      "d2_lora_A_neg.default.weight": (64, 3), "d2_lora_B_neg.default.weight": (3, 32)}
 
 
 # ----------------------------------------------------------------------------- merge
@@ -94,7 +95,7 @@ def test_safe_merge_refuses_nan_and_leaves_every_base_weight_untouched(method):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     last = [m for m in model.modules() if isinstance(m, AdaptedLayer)][-1]
     with torch.no_grad():
-        getattr(last, last.adapter_layer_names[0])["default"][0, 0] = float("nan")
+        last.factors("default")[0][0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
         model.merge_and_unload(safe_merge=True)
     with pytest.raises(ValueError, match="NaN/Inf"):

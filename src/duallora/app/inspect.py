@@ -37,7 +37,7 @@ def layer_report(name: str, layer: AdaptedLayer, adapter: str) -> dict:
                    rank_direction=numerical_rank(direction(D @ C, opts.direction_activation)),
                    relu_off_fraction=(p <= 0).float().mean().item(), warmup_step=int(layer.dual_lora_step[adapter]))
     else:
-        row["lora_bound"] = 2 * layer.d2_lora_A_pos[adapter].shape[1]
+        row["lora_bound"] = 2 * layer.d2_lora_A_pos[adapter].weight.shape[1]
     return row
 
 

@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from .base_weight import BaseWeight, base_weight_of, bitsandbytes_kind
 from .blocked import KernelOptions, autocast_dtype, blocked_weight
-from .watch import fingerprint, full_shape, is_sharded, is_zero3_partition
+from .factor import Factor, rename_0_1_keys, run_inside
+from .watch import fingerprint, is_sharded, is_zero3_partition
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 # packages whose Linear subclasses hold quantized weights: bitsandbytes' two are adapted, the others refused by name
@@ -98,6 +100,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         self._unmerged_base = None  # a quantized W0 before the first merge (BaseWeight.snapshot)
         self.rounding_error: Optional[float] = None  # a quantized base's requantization error, from the last merge
         self._active_adapter = adapter_name
+        self.register_load_state_dict_pre_hook(self._load_0_1_keys)  # adapters saved by duallora 0.1
         self.update_layer(adapter_name, config, **layer_kwargs)
 
     # ----------------------------------------------------------------- method hooks
@@ -131,9 +134,25 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
     def before_adapter_forward(self, active: list[str], x: torch.Tensor) -> None:
         """Called before a forward through the adapters (not when merged or disabled); a method's bookkeeping."""
 
+    def factor_modules(self, adapter_name: str) -> tuple[nn.Module, ...]:
+        """The modules holding one adapter's factors (:class:`~duallora.core.factor.Factor`, or FSDP1's wrappers of
+        them), in the order of ``adapter_layer_names``."""
+        return tuple(getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
+
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         """The trainable factors of one adapter, in the order of ``adapter_layer_names``."""
-        return tuple(getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
+        return tuple(module.weight for module in self.factor_modules(adapter_name))
+
+    def add_factors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Hold a new adapter's factors, each in a :class:`~duallora.core.factor.Factor` of its own."""
+        for name in self.adapter_layer_names:
+            if not hasattr(self, name):
+                setattr(self, name, nn.ModuleDict())
+            getattr(self, name)[adapter_name] = Factor(tensors[name])
+
+    @staticmethod
+    def _load_0_1_keys(module, state_dict, prefix, *args) -> None:
+        rename_0_1_keys(state_dict, prefix, module.adapter_layer_names)
 
     def compute_factors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         """The factors as every forward computes with them: in float32 at least, whatever they are stored in (bf16
@@ -196,6 +215,11 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         self._check_base_is_whole()
         self.before_adapter_forward(active, x)
+        modules = [module for name in active for module in self.factor_modules(name)]
+        return run_inside(modules, lambda: self._adapted_forward(active, x, *args, **kwargs))
+
+    def _adapted_forward(self, active: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The forward through the active adapters, run inside their factors' module forwards (:mod:`.factor`)."""
         bias = self.base_layer.bias
         if self._eval_cache_applies(active):
             weight = self._cached_weight(active, autocast_dtype(x))
@@ -276,7 +300,9 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         return not any(t.requires_grad for name in active for t in self.factor_tensors(name))
 
     def _weights_sharded(self, active: list[str]) -> bool:
-        self._sharded = self._sharded or any(is_sharded(t) for t in self._watched(active))
+        self._sharded = (self._sharded or any(is_sharded(t) for t in self._watched(active))
+                         or any(isinstance(m, FullyShardedDataParallel) for name in active
+                                for m in self.factor_modules(name)))  # FSDP1 units of their own
         return self._sharded
 
     def _watched(self, active: list[str]) -> list[torch.Tensor]:

@@ -29,6 +29,7 @@ from torch import nn
 from .base_weight import base_weight_of
 from .layer import (AdaptedLayer, Conv1D, is_adaptable, is_quantized_bitsandbytes, unsupported_layer_error,
                     zero3_merge_error)
+from .factor import current_key
 from .watch import full_shape
 
 _PEFT_KEY_PREFIX = "base_model.model."
@@ -96,6 +97,15 @@ class AdaptedWeightTuner(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter does not train
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """peft's remap of an adapter file's keys onto the model's, after renaming those of files saved by 0.1
+        (``...dual_lora_A``: the factor itself, now ``...dual_lora_A.weight``)."""
+        names = cls.tuner_layer_cls.adapter_layer_names
+        state_dict = {current_key(key, names): value for key, value in state_dict.items()}
+        return super()._remap_adapter_state_dict_for_load(model=model, config=config, adapter_name=adapter_name,
+                                                          state_dict=state_dict)
 
     # ------------------------------------------------------------------ merging
     def _check_merge_finite(self, adapter_names: Optional[list[str]]) -> None:
@@ -229,7 +239,7 @@ def check_adapter_file(model: nn.Module, adapter_dir: str, layer_cls: type[Adapt
     params = dict(model.named_parameters())
     for key, shape in shapes.items():
         bare = key.removeprefix(_PEFT_KEY_PREFIX)
-        module_name, _, param_name = bare.rpartition(".")
+        module_name, _, param_name = bare.removesuffix(".weight").rpartition(".")  # 0.1 saved no ".weight"
         if param_name in layer_cls.factor_dims:
             _check_factor_shape(path, modules, module_name, param_name, shape, layer_cls.factor_dims[param_name])
         elif bare in params and tuple(full_shape(params[bare])) != shape:

@@ -53,19 +53,17 @@ class D2LoraLayer(AdaptedLayer):
         super().__init__(base_layer, adapter_name, config, **kwargs)
 
     def create_adapter(self, adapter_name: str, config: D2LoraConfig, r: int, lora_alpha: float) -> None:
-        if not hasattr(self, "d2_lora_A_pos"):
-            for name in self.adapter_layer_names:
-                setattr(self, name, nn.ParameterDict())
         self.d2_options[adapter_name] = D2Options(
             scaling=lora_alpha / r, tau=config.tau, norm_axis=config.norm_axis, detach_norm=config.detach_norm
         )
         # dW = 0 at init: the factors that meet x first (B) random and independent (equal branches would stay
         # collinear), the others (A) zero, as LoRA initialises its A and B.
+        factors = {}
         for branch in ("pos", "neg"):
             b = torch.empty(r, self.in_features)
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            getattr(self, f"d2_lora_B_{branch}")[adapter_name] = nn.Parameter(b)
-            getattr(self, f"d2_lora_A_{branch}")[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
+            factors[f"d2_lora_B_{branch}"], factors[f"d2_lora_A_{branch}"] = b, torch.zeros(self.out_features, r)
+        self.add_factors(adapter_name, factors)
 
     def _input_norm(self, adapter_name: str, w_in) -> torch.Tensor:
         """``n(W_in)`` in float32, read in row blocks of at most ``block_mib`` as float32."""

@@ -60,9 +60,7 @@ class DualLoraLayer(AdaptedLayer):
         self.register_state_dict_pre_hook(warmup.sync_before_state_dict)
 
     def create_adapter(self, adapter_name: str, config: DualLoraConfig, r: int, lora_alpha: float) -> None:
-        if not hasattr(self, "dual_lora_A"):
-            for name in self.adapter_layer_names:
-                setattr(self, name, nn.ParameterDict())
+        if not hasattr(self, "dual_lora_step"):
             self.dual_lora_step = BufferDict(persistent=True)
         r1, r2 = config.layer_ranks(r)
         self.dual_options[adapter_name] = DualOptions(
@@ -72,10 +70,10 @@ class DualLoraLayer(AdaptedLayer):
         )
         shapes = {"dual_lora_A": (r1, self.in_features), "dual_lora_B": (self.out_features, r1),
                   "dual_lora_C": (r2, self.in_features), "dual_lora_D": (self.out_features, r2)}
-        for name, shape in shapes.items():
-            std = init_std(config.init_std, self.in_features, fan_in=shape[1])
-            # All four Gaussian (paper Sec. 3.3): a zero magnitude factor would leave ReLU without gradient forever.
-            getattr(self, name)[adapter_name] = nn.Parameter(torch.randn(shape) * std)
+        # All four Gaussian (paper Sec. 3.3): a zero magnitude factor would leave ReLU without gradient forever.
+        self.add_factors(adapter_name, {name: torch.randn(shape) * init_std(config.init_std, self.in_features,
+                                                                            fan_in=shape[1])
+                                        for name, shape in shapes.items()})
         self.dual_lora_step[adapter_name] = torch.zeros((), dtype=torch.long)
         self.warmup_clocks[adapter_name] = warmup.WarmupClock(self, adapter_name, config.warmup_steps)
         warmup.track(self)
@@ -130,7 +128,7 @@ class DualLoraLayer(AdaptedLayer):
         forward first counts an in-place update of its factors made since then."""
         training = self.training and torch.is_grad_enabled()
         for name in active:
-            if training and self.dual_lora_A[name].requires_grad:
+            if training and self.dual_lora_A[name].weight.requires_grad:
                 self.warmup_clocks[name].training_pass()
                 _warn_if_clip_sees_scaled_gradients(self.dual_options[name], autocast_dtype(x))
             elif not torch.compiler.is_compiling():
