@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FLOAT32_REORDER_RTOL
+from conftest import FLOAT32_REORDER_RTOL, adamw_bound, assert_same_losses, max_difference, run_flags
+
+from duallora.app.cli import main
 
 ROOT = Path(__file__).parent.parent
 # deepspeed's own requirements that the project does not install already (numpy, packaging, psutil, pydantic and
@@ -115,20 +117,41 @@ def test_zero3_under_zero_init_trains_refuses_a_merge_outside_a_gather_merges_in
         assert report[f"loaded_{base}_clock"] == (6 if method == "dual" else None), base
 
 
-@pytest.mark.slow
-def test_duallora_train_under_deepspeed_says_what_to_use_instead(deepspeed_env, tiny_checkpoints, tiny_csv, tmp_path):
+def launch_train(config: str, flags: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file examples/accelerate/<config> -m duallora train <flags>` on 2 processes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "examples" / "accelerate" / "zero2.yaml"), "--num_processes", "2", "--main_process_port", port,
-           "-m", "duallora", "train", "--model", str(tiny_checkpoints["bert"]), "--task", str(tiny_csv),
-           "--text-column", "text", "--label-column", "label", "--output-dir", str(out), "--max-steps", "2"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=deepspeed_env)
-    assert result.returncode != 0
-    assert "does not run under DeepSpeed yet. Use DDP or FSDP" in result.stderr, result.stderr[-3000:]
-    assert not out.exists() or not any(out.iterdir())  # nothing written
+           str(ROOT / "examples" / "accelerate" / config), "--num_processes", "2", "--main_process_port", port,
+           "-m", "duallora", "train", *flags]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["zero2.yaml", "zero3.yaml"])
+def test_duallora_train_under_deepspeed_trains_checkpoints_resumes_and_saves_as_one_process_does(
+        config, deepspeed_env, bert_without_dropout, tiny_csv, tmp_path):
+    """`duallora train` under ZeRO-2/3 (the base built under zero.Init with zero3.yaml): 3 steps with a checkpoint,
+    then --resume to 6, on 2 processes with 4 examples each, against the same two commands in one process with 8:
+    the same losses (reorder bound), the adapter within AdamW's rounding drift, the same scores, one checkpoint."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    for steps, resume in ((3, []), (6, ["--resume"])):
+        launch_train(config, run_flags(bert_without_dropout, tiny_csv, two, 4, max_steps=steps) + resume,
+                     deepspeed_env)
+        assert main(["train", *run_flags(bert_without_dropout, tiny_csv, one, 8, max_steps=steps), *resume]) == 0
+    assert max_difference(one, two) <= adamw_bound(5e-3, 6)
+    got, expected = (json.loads((run / "metrics.json").read_text()) for run in (two, one))
+    assert (got["distributed_type"], got["zero_stage"], got["processes"]) == ("DEEPSPEED", int(config[4]), 2)
+    assert got["global_batch_size"] == expected["global_batch_size"] == 8
+    assert got["trainable_params"] == expected["trainable_params"] and got["steps"] == 6
+    assert_same_losses(got["losses"], expected["losses"])
+    assert got["test"] == pytest.approx(expected["test"])
+    assert [e["accuracy"] for e in got["evaluations"]] == pytest.approx([e["accuracy"] for e in expected["evaluations"]])
+    assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-0000006"]
+    assert not [p.name for p in two.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 
 @pytest.mark.parametrize("name,stage", [("zero2.yaml", 2), ("zero3.yaml", 3)])

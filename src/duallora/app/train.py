@@ -81,9 +81,18 @@ def build(cfg: RunConfig):
     return model, tokenizer, task
 
 
+# DeepSpeed's own checkpoint inside a run's checkpoint directory (each process's optimizer partition, and under
+# ZeRO-3 the weights' partitions), under a fixed tag so that a resume finds it without DeepSpeed's "latest" file
+DEEPSPEED_FOLDER, DEEPSPEED_TAG = "deepspeed", "state"
+
+
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """Trainable and all parameters; a ZeRO-3 partition counted at its full size (``ds_numel``), not its shard."""
+    def size(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(size(p) for p in model.parameters())
 
 class TrainingSession:
     """One run's state between its steps: the prepared model, optimizer and schedule, the data plan, and the
@@ -114,35 +123,61 @@ class TrainingSession:
         self.state = {"step": 0, "micro_batch": 0, "losses": [], "evaluations": [], "train_seconds": 0.0,
                       "eval_seconds": 0.0}
 
+    @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.distributed_type.name == "DEEPSPEED"
+
     def restore(self, checkpoint: Path) -> None:
-        """Weights, optimizer, schedule, random state and progress from a checkpoint."""
+        """Weights, optimizer, schedule, random state and progress from a checkpoint. Under DeepSpeed the engine
+        loads its own part (the weights, partitioned under ZeRO-3, and each process's optimizer partition)."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        full = self.cfg.method == "full"
-        weights = load_file(checkpoint / ("model.safetensors" if full else "adapter_model.safetensors"))
-        if full:
-            unwrapped.load_state_dict(weights, strict=False)
-        else:
-            set_peft_model_state_dict(unwrapped, weights)
         saved = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.deepspeed:
+            self.model.load_checkpoint(str(checkpoint / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG)
+        else:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            full = self.cfg.method == "full"
+            weights = load_file(checkpoint / ("model.safetensors" if full else "adapter_model.safetensors"))
+            if full:
+                unwrapped.load_state_dict(weights, strict=False)
+            else:
+                set_peft_model_state_dict(unwrapped, weights)
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])  # a new step budget: the schedule follows the new total
         set_rng_state(saved["rng"])
         self.state = saved["state"]
 
     def save_checkpoint(self) -> None:
-        weights = self.accelerator.get_state_dict(self.model)  # gathered under FSDP: every process must call it
+        """The adapter (or full model), optimizer, schedule, random state and progress, in a directory that appears
+        only once complete. Under DeepSpeed every process writes its optimizer partition into the engine's own
+        checkpoint inside it (first into a staging directory that all processes share; the main process renames)."""
+        accelerator = self.accelerator
+        weights = accelerator.get_state_dict(self.model)  # gathered under FSDP and ZeRO-3: every process calls it
+        final = self.out / "checkpoints" / f"step-{self.state['step']:07d}"
+        staging = None
+        if self.deepspeed:
+            staging = final.with_name(f".{final.name}-deepspeed")
+            if accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)  # an interrupted save's leftovers
+            accelerator.wait_for_everyone()
+            self.model.save_checkpoint(str(staging / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG)
+            accelerator.wait_for_everyone()
 
         def write(tmp: Path):
-            self.accelerator.unwrap_model(self.model).save_pretrained(tmp, state_dict=weights)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": rng_state(), "state": self.state}, tmp / "trainer_state.pt")
-        if self.accelerator.is_main_process:
-            atomic_dir(self.out / "checkpoints" / f"step-{self.state['step']:07d}", write)
+            if staging is not None:
+                os.replace(staging / DEEPSPEED_FOLDER, tmp / DEEPSPEED_FOLDER)
+                staging.rmdir()
+            accelerator.unwrap_model(self.model).save_pretrained(tmp, state_dict=weights)
+            optimizer = None if self.deepspeed else self.optimizer.state_dict()  # DeepSpeed's is in its folder
+            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                        "state": self.state}, tmp / "trainer_state.pt")
+        if accelerator.is_main_process:
+            atomic_dir(final, write)
             for old in sorted((self.out / "checkpoints").glob("step-*"))[:-1]:
                 shutil.rmtree(old)  # keep the newest complete checkpoint only
+        accelerator.wait_for_everyone()  # a resume or the next save finds it complete on every process
 
     def evaluate(self, examples: list) -> dict:
         return evaluate(self.accelerator.unwrap_model(self.model), self.tokenizer, self.task, examples,
@@ -220,7 +255,9 @@ class TrainingSession:
             "primary_metric": PRIMARY_METRIC[self.task.kind], "test": test_scores, "validation": validation,
             "evaluations": state["evaluations"], "losses": state["losses"], "steps": state["step"],
             "train_seconds": train_seconds, "peak_memory_mib": peak_mib,
-            "processes": accelerator.num_processes, "global_batch_size": self.global_batch * cfg.grad_accum,
+            "processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.name,
+            "zero_stage": (accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed else None),
+            "global_batch_size": self.global_batch * cfg.grad_accum,
             "trainable_params": trainable, "total_params": total,
             "test_examples": len(test_examples),  # the report weighs a score against the majority class by it
             "majority_baseline": majority_baseline(self.task, test_examples),
@@ -251,13 +288,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         cfg, resume_notes = resumed_config(cfg, saved)
     # bf16 through torch.autocast rather than accelerate's mixed_precision, which is fixed once per process (a
     # second in-process run with another setting would be refused)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # accelerate launch's DeepSpeed flag
-        # its engine owns the accumulation, the micro-batch size and the checkpoint format, which this loop owns
-        raise ValueError("`duallora train` does not run under DeepSpeed yet. Use DDP or FSDP with it "
-                         "(examples/accelerate/ddp.yaml, fsdp.yaml), or train with ZeRO from your own accelerate, "
-                         "Trainer or TRL script (examples/accelerate/zero2.yaml, zero3.yaml; tested in "
-                         "tests/test_deepspeed.py).")
-    accelerator = make_accelerator(cfg.grad_accum)
+    accelerator = make_accelerator(cfg.grad_accum, cfg.batch_size)
     warning = bf16_warning(accelerator.device) if cfg.bf16 else None
     if warning and accelerator.is_main_process:
         print(warning, file=sys.stderr)  # before the model loads: a user can stop a run that would take hours
