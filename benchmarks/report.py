@@ -18,6 +18,7 @@ SECTIONS = [
     ("One layer, against the cost model", "one_layer"),
     ("Large layers in row blocks (LLaMA-7B MLP shapes)", "large_layer"),
     ("Inference, SmolLM2-135M", "inference_smollm2"),
+    ("Mixed batches (several adapters in one batch), SmolLM2-135M", "mixed_batch_smollm2"),
     ("Growth with rank and sequence length, SmolLM2-135M", "growth_smollm2"),
     ("Memory per GPU at scale (LLaMA-2 7B and 70B), and on one GPU with a 4-bit base (Llama-3 8B and 70B): "
      "arithmetic model", "memory_per_gpu"),

@@ -28,14 +28,17 @@ def test_one_layer_and_inference_harnesses_run(tmp_path):
     for script, args, produced in (
         ("one_layer.py", ["--shapes", "64x48", "--tokens", "32", "--repeats", "1"], "one_layer.json"),
         ("inference.py", ["--model", "tiny", "--batch", "2", "--seq", "16", "--repeats", "1"], "inference_tiny.json"),
+        ("mixed_batch.py", ["--model", "tiny", "--batch", "4", "--seq", "8", "--repeats", "1"], "mixed_batch_tiny.json"),
     ):
         result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--output-dir", str(tmp_path)],
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         payload = json.loads((tmp_path / produced).read_text())
         rows = payload["rows"]
-        assert rows and all((r.get("ms") or r.get("tokens_per_s")) > 0 for r in rows)
+        assert rows and all((r.get("ms") or r.get("tokens_per_s") or r.get("s")) > 0 for r in rows)
     one_layer = json.loads((tmp_path / "one_layer.json").read_text())["rows"]
+    cases = [(r["method"], r["case"]) for r in json.loads((tmp_path / "mixed_batch_tiny.json").read_text())["rows"]]
+    assert ("dual", "mixed, 4 adapters") in cases and ("lora", "mixed, 2 adapters") in cases
     kept = {r["method"]: r["saved_for_backward_mib"] for r in one_layer}
     assert kept["dual"] < kept["dual-autograd"]  # the memory-efficient backward keeps no out x in matrix
 

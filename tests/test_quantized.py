@@ -168,6 +168,30 @@ def test_disabling_the_adapter_gives_the_quantized_base_and_several_adapters_com
             assert torch.equal(models[0](input_ids=IDS).logits, base_logits)
 
 
+@pytest.mark.parametrize("method", ["dual", "d2"])
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_mixed_batches_on_a_quantized_base_give_each_row_its_adapter(checkpoints, method, quantization):
+    model = with_adapter(quantized_base(checkpoints[64], quantization), method)
+    model.add_adapter("second", METHODS[method](r=2, lora_alpha=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".second" in name:
+                p.copy_(torch.linspace(-0.2, 0.2, p.numel()).reshape(p.shape))
+    model.eval()
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(4))
+    names = ["second", "__base__", "default"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":  # bitsandbytes' own kernel, in both
+                with model.disable_adapter():
+                    alone = model(input_ids=ids[i:i + 1]).logits
+            else:
+                model.base_model.set_adapter(name)
+                alone = model(input_ids=ids[i:i + 1]).logits
+            assert_float32_close(mixed[i:i + 1], alone, msg=name)
+
+
 def repack_for_the_cpu_kernel(model) -> None:
     """Every 4-bit weight in bitsandbytes' AVX512-BF16 CPU layout: by bitsandbytes' own eval-mode forward where this
     CPU has the kernel, else by the same conversion applied by hand (so both layouts are read on every machine)."""

@@ -13,6 +13,7 @@ and unmerged outputs agree for any number of adapters.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Optional
 
@@ -61,6 +62,10 @@ def unsupported_layer_error(module: nn.Module, name: str = "") -> TypeError:
         f"Target module{where} is a {type(module).__module__}.{type(module).__name__}, which cannot be adapted.{why} "
         f"Supported: {SUPPORTED}. Choose other `target_modules`."
     )
+
+
+# peft's name for "no adapter" in a mixed batch's adapter_names
+BASE_ROWS = "__base__"
 
 
 def zero3_merge_error(action: str, partitioned: list[str]) -> RuntimeError:
@@ -205,11 +210,16 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         return [name for name in self.active_adapters if name in factors]
 
     # ----------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None,
+                **kwargs: Any) -> torch.Tensor:
+        if adapter_names is not None:
+            self._check_mixed_batch(x, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = self._present_active_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
@@ -218,10 +228,51 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         modules = [module for name in active for module in self.factor_modules(name)]
         return run_inside(modules, lambda: self._adapted_forward(active, x, *args, **kwargs))
 
-    def _adapted_forward(self, active: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _check_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> None:
+        """peft's checks of ``adapter_names`` at a layer, with its messages."""
+        if len(x) != len(adapter_names):
+            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {len(x)} respectively.")
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
+                             ) -> torch.Tensor:
+        """Each row of the batch through its own adapter (peft's ``adapter_names``). The rows are grouped, so the
+        cost is one pass per distinct adapter, each building its weight in row blocks as a training forward does (no
+        cached copy per adapter: k adapters would hold k dense copies of every layer). Rows named ``"__base__"``, or
+        an adapter this layer does not hold, go through the base layer."""
+        present = getattr(self, self.adapter_layer_names[0])
+        groups: dict[str, list[int]] = {BASE_ROWS: []}  # the base rows first: on a CPU with AVX512-BF16 the first
+        # eval-mode call of a 4-bit base layer repacks its weight (its absmax rounded to bf16), so every adapter row
+        # then reads the weight the base rows were computed with
+        for row, name in enumerate(adapter_names):
+            groups.setdefault(name if name in present else BASE_ROWS, []).append(row)
+        outputs = []
+        for name, rows in groups.items():
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=x.device)
+            part = x[index]
+            if name == BASE_ROWS:
+                outputs.append((index, self.base_layer(part, *args, **kwargs)))
+                continue
+            self._check_base_is_whole()
+            self.before_adapter_forward([name], part)
+            outputs.append((index, run_inside(self.factor_modules(name),
+                                              lambda: self._adapted_forward([name], part, use_cache=False))))
+        dtype = functools.reduce(torch.promote_types, [y.dtype for _, y in outputs])
+        result = outputs[0][1].new_empty((x.shape[0], *outputs[0][1].shape[1:]), dtype=dtype)
+        for index, y in outputs:
+            result[index] = y.to(dtype)
+        return result
+
+    def _adapted_forward(self, active: list[str], x: torch.Tensor, *args: Any, use_cache: bool = True,
+                         **kwargs: Any) -> torch.Tensor:
         """The forward through the active adapters, run inside their factors' module forwards (:mod:`.factor`)."""
         bias = self.base_layer.bias
-        if self._eval_cache_applies(active):
+        if use_cache and self._eval_cache_applies(active):
             weight = self._cached_weight(active, autocast_dtype(x))
             return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
         w0 = self.base

@@ -7,7 +7,9 @@ shapes, a safe merge that would write NaN/Inf into any layer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import os
 import warnings
 from typing import Optional
@@ -22,12 +24,13 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import get_pattern_key
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from peft.tuners.tuners_utils import _ExcludedModule
+from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors import SafetensorError, safe_open
 import torch
 from torch import nn
 
 from .base_weight import base_weight_of
-from .layer import (AdaptedLayer, Conv1D, is_adaptable, is_quantized_bitsandbytes, unsupported_layer_error,
+from .layer import (BASE_ROWS, AdaptedLayer, Conv1D, is_adaptable, is_quantized_bitsandbytes, unsupported_layer_error,
                     zero3_merge_error)
 from .factor import current_key
 from .watch import full_shape
@@ -107,6 +110,38 @@ class AdaptedWeightTuner(BaseTuner):
         return super()._remap_adapter_state_dict_for_load(model=model, config=config, adapter_name=adapter_name,
                                                           state_dict=state_dict)
 
+    # ------------------------------------------------------------------ mixed batches
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """peft's ``model(..., adapter_names=[...])`` and ``generate(..., adapter_names=[...])``: each row through
+        its own adapter (``"__base__"``: the base model). PeftModel calls this around the forward; the names reach
+        every adapted layer (and ``modules_to_save``) through a forward pre-hook. The checks and messages are LoRA's,
+        plus the names the model does hold."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"`adapter_names` must be a list of adapter names, one per row; got {adapter_names!r}.")
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = {name for _, layer in self._adapted_layers() for name in getattr(layer, layer.adapter_layer_names[0])}
+        unknown = {name for name in adapter_names if name != BASE_ROWS} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}. This model "
+                             f"holds {sorted(known)}; '{BASE_ROWS}' names the base model.")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats each input num_beams times
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        hook = functools.partial(_pass_adapter_names, adapter_names=list(adapter_names))
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.model.modules()
+                   if isinstance(m, (AdaptedLayer, AuxiliaryTrainingWrapper))]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     # ------------------------------------------------------------------ merging
     def _check_merge_finite(self, adapter_names: Optional[list[str]]) -> None:
         bad = [f"{name}: {'; '.join(problems)}" for name, m in self.model.named_modules()
@@ -184,6 +219,11 @@ class AdaptedWeightTuner(BaseTuner):
         elif getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
         return model
+
+
+def _pass_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
 
 
 def _expand_all_linear(config, model: nn.Module):
