@@ -139,8 +139,10 @@ def test_duallora_train_under_deepspeed_trains_checkpoints_resumes_and_saves_as_
     the same losses (reorder bound), the adapter within AdamW's rounding drift, the same scores, one checkpoint."""
     two, one = tmp_path / "two", tmp_path / "one"
     for steps, resume in ((3, []), (6, ["--resume"])):
-        launch_train(config, run_flags(bert_without_dropout, tiny_csv, two, 4, max_steps=steps) + resume,
-                     deepspeed_env)
+        launched = launch_train(config, run_flags(bert_without_dropout, tiny_csv, two, 4, max_steps=steps) + resume,
+                                deepspeed_env)
+        # the config file's clipping (1.0) gives way to the command line's (none, as under DDP), and it says so
+        assert "sets the DeepSpeed config from its flags: gradient_clipping 1.0 -> 0.0" in launched.stderr
         assert main(["train", *run_flags(bert_without_dropout, tiny_csv, one, 8, max_steps=steps), *resume]) == 0
     assert max_difference(one, two) <= adamw_bound(5e-3, 6)
     got, expected = (json.loads((run / "metrics.json").read_text()) for run in (two, one))

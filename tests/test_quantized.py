@@ -257,6 +257,14 @@ def test_a_4bit_weight_repacked_for_the_cpu_kernel_is_read_as_bitsandbytes_holds
     for name in grads_d:
         assert_float32_close(grads_q[name], grads_d[name], msg=name)
     models[0].eval(), models[2].eval()
+    # a merge into the repacked base requantizes in bitsandbytes' own layout; unmerge puts the repacked weight back
+    repacked, expected = packed(models[0]), models[2](input_ids=IDS).logits.detach()
+    with pytest.warns(UserWarning, match="quantized again"):
+        models[0].merge_adapter()
+    models[0].unmerge_adapter()
+    assert_same_packed(packed(models[0]), repacked)
+    with torch.no_grad():
+        assert_float32_close(models[0](input_ids=IDS).logits, expected)
     merged = models[0].merge_and_dequantize(dtype=torch.float32)
     with torch.no_grad():
         assert_float32_close(merged(input_ids=IDS).logits, models[2].merge_and_unload()(input_ids=IDS).logits)

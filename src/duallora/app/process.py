@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -31,8 +32,13 @@ def make_accelerator(grad_accum: int, micro_batch: int):
         accelerator = Accelerator(gradient_accumulation_steps=grad_accum, kwargs_handlers=(
             [InitProcessGroupKwargs(backend="gloo")] if on_cpus else []))
         config = accelerator.state.deepspeed_plugin.deepspeed_config
-        config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
-                      gradient_clipping=0.0)
+        run = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+               "gradient_clipping": 0.0}
+        replaced = [f"{key} {config[key]} -> {value}" for key, value in run.items()
+                    if config.get(key, "auto") not in ("auto", value)]
+        if replaced and accelerator.is_main_process:  # the config file said otherwise: say what the run uses
+            print(f"duallora train sets the DeepSpeed config from its flags: {', '.join(replaced)}.", file=sys.stderr)
+        config.update(run)
         config.pop("train_batch_size", None)  # DeepSpeed derives it from the two above
         if config.get("zero_optimization", {}).get("stage") == 3:
             config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True

@@ -180,10 +180,6 @@ class Bnb4bitWeight(QuantizedWeight):
         return quant_state_of(self.layer)
 
     @property
-    def packed_for_cpu(self) -> bool:
-        return is_cpu_packed(self.state)
-
-    @property
     def shape(self) -> torch.Size:
         return torch.Size(self.state.shape)
 
@@ -199,7 +195,7 @@ class Bnb4bitWeight(QuantizedWeight):
         """Whole tiles of the CPU layout; else any number of rows when a row is a whole number of quantization blocks
         (``in % blocksize == 0``, as in every LLaMA-type width); else one block of the whole matrix (bitsandbytes'
         CPU kernel dequantizes such a weight in an order of its own, so a block of rows may not be cut out of it)."""
-        if self.packed_for_cpu:
+        if is_cpu_packed(self.state):
             return CPU_PACKED_TILE_ROWS
         return 1 if self.shape[1] % self.state.blocksize == 0 else self.shape[0]
 

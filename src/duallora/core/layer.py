@@ -301,10 +301,9 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         """The adapter reads ``W0`` itself, outside the base layer's forward: refuse, before any work, the wrappings
         under which ``W0`` is not whole there (they would crash deep inside, or compute on a placeholder)."""
         weight = self.get_base_layer().weight
-        where = f"{type(self.get_base_layer()).__name__} ({self.in_features} -> {self.out_features} features)"
         if isinstance(weight, DTensor):
             raise RuntimeError(
-                f"W0 of an adapted {where} is still a sharded DTensor ({weight.placements}) when the adapter reads it. "
+                f"W0 of an adapted {self._base_description()} is still a sharded DTensor ({weight.placements}) when the adapter reads it. "
                 "Either its nn.Linear is an FSDP2 unit of its own (fully_shard applied to the Linear, or a size-based "
                 "wrap policy): Dual LoRA and D2-LoRA read W0 in their own forward, not through the Linear's, so FSDP "
                 "never unshards it; apply fully_shard to the decoder layers and the model only (as peft's "
@@ -313,11 +312,14 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
             )
         if is_zero3_partition(weight):
             raise RuntimeError(
-                f"W0 of an adapted {where} is a DeepSpeed ZeRO-3 partition that was not gathered when the adapter read "
+                f"W0 of an adapted {self._base_description()} is a DeepSpeed ZeRO-3 partition that was not gathered when the adapter read "
                 "it. DeepSpeed gathers a parameter on access in an eager forward, but not while torch.compile traces "
                 "(or outside the engine's forward). Under ZeRO-3, run the model without torch.compile, or use "
                 "ZeRO-2 or FSDP2 with it."
             )
+
+    def _base_description(self) -> str:
+        return f"{type(self.get_base_layer()).__name__} ({self.in_features} -> {self.out_features} features)"
 
     def partitioned_parameters(self) -> list[str]:
         """This layer's parameters that are ZeRO-3 partitions now, by name (nothing can be merged into or from them)."""
