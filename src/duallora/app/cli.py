@@ -122,6 +122,7 @@ def run_config(args: argparse.Namespace, drop: tuple[str, ...] = (), base: dict 
 
 
 def cmd_train(args) -> None:
+    from .process import end_process_group
     from .run_config import saved_run_config
     from .train import train
 
@@ -130,6 +131,7 @@ def cmd_train(args) -> None:
     if args.resume:  # what was not given is the saved run's, not the defaults: only given flags count as changes
         cfg = run_config(args, drop, base=saved_run_config(cfg.output_dir))
     train(cfg, resume=args.resume, overwrite=args.overwrite)
+    end_process_group()
 
 
 def cmd_eval(args) -> None:

@@ -51,6 +51,16 @@ def make_accelerator(grad_accum: int, micro_batch: int):
     return accelerator
 
 
+def end_process_group() -> None:
+    """Take the process group down once every process is done, before the interpreter exits. Called by the command
+    line, not by ``train``: a program that calls ``train`` keeps its group. Why: a process that exits with
+    DeepSpeed's gloo group still alive can abort ("terminate called without an active exception", seen under load)
+    and fail the launch after a complete run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def reduce_across_processes(accelerator, values: list[float], reduction: str) -> list[float]:
     """``values`` reduced over the processes (each process passes its own). The tensor lives on
     ``accelerator.device``: NCCL, the multi-GPU backend, takes GPU tensors only."""

@@ -326,16 +326,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                   "--resume.", file=sys.stderr)
         raise
     bar.close()
-    metrics = session.finish(trainable, total)
-    if accelerator.num_processes > 1:
-        # every process waits for the main one's files, then the group is taken down before the interpreter exits: a
-        # process that exits with DeepSpeed's gloo group still alive can abort ("terminate called without an active
-        # exception", seen under load) and fail the launch after a complete run
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return metrics
+    return session.finish(trainable, total)
 
 
 def _fmt(scores: dict) -> str:
