@@ -1,6 +1,8 @@
 """Adapters saved by duallora 0.1 (tests/fixtures/adapter-0.1-*: a tiny LLaMA adapter after 3 AdamW steps, its
-config without the fields added since, and the logits 0.1 computed with it) load and compute what they did."""
+config without the fields added since, and the logits 0.1 computed with it) load and compute what they did; a
+transformers/peft pair that refuses adapters is named at import."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,17 @@ def test_an_adapter_saved_by_0_1_loads_and_gives_its_outputs(method):
     merged = model.merge_and_unload(safe_merge=True)
     with torch.no_grad():
         assert_float32_close(merged(expected["inputs"]).logits, expected["logits"])
+
+
+def test_a_transformers_that_refuses_this_peft_is_named_with_the_fix_at_import():
+    from duallora.core.registration import check_transformers_peft_pair
+
+    with pytest.warns(UserWarning) as caught:
+        check_transformers_peft_pair("5.24.0", "0.21.2")
+    message = str(caught[0].message)
+    assert "transformers 5.24.0 refuses peft 0.21.2" in message and "model.add_adapter()" in message
+    assert "pip install 'transformers<5.24.0'" in message and "load_adapter still work" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_transformers_peft_pair("5.23.0", "0.21.2")  # the tested pair: silent
+        check_transformers_peft_pair("5.24.0", "0.22.0")  # the peft that transformers asks for: silent

@@ -64,6 +64,10 @@ def test_the_library_alone_installs_and_works_in_a_fresh_venv(tmp_path):
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.count("trains, saves, loads and merges") == 2 and "no matplotlib" in result.stdout
+    # the wheel carries the .pth that registers the methods on `import peft` (the editable one: test_autoload.py)
+    autoload = subprocess.run([python, "-c", "import sys, peft; print('duallora' in sys.modules)"],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert autoload.stdout.split() == ["True"], autoload.stderr[-3000:]
     command = subprocess.run([str(venv / "bin" / "duallora"), "train", "--help"], capture_output=True, text=True,
                              timeout=300)
     assert command.returncode == 2 and "pip install 'duallora[cli]'" in command.stderr

@@ -320,3 +320,27 @@ print("same outputs", type(model.peft_config["default"]).__name__)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "same outputs" in result.stdout
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_transformers_own_adapter_api_adds_switches_reads_and_deletes_adapters(method):
+    """base.add_adapter / set_adapter / disable_adapters / get_adapter_state_dict / delete_adapter on a transformers
+    model (not PeftModel): what transformers 5.24 refuses with peft < 0.22 (scripts/compat.sh runs this file)."""
+    base, ids = tiny_llama(), torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = base(ids).logits
+    for name in ("one", "two"):
+        base.add_adapter(METHODS[method](r=4, target_modules=["q_proj", "v_proj"]), adapter_name=name)
+    trained_like(base)
+    base.set_adapter("two")
+    assert base.active_adapters() == ["two"]
+    state = base.get_adapter_state_dict("two")
+    assert state and all(f"{method}_lora_" in key for key in state)
+    with torch.no_grad():
+        adapted_logits = base(ids).logits
+        base.disable_adapters()
+        assert torch.equal(base(ids).logits, reference)
+        base.enable_adapters()
+        assert torch.equal(base(ids).logits, adapted_logits) and not torch.equal(adapted_logits, reference)
+    base.delete_adapter("one")
+    assert base.active_adapters() == ["two"]

@@ -1,15 +1,21 @@
 """duallora: Dual LoRA and D2-LoRA as native PEFT methods.
 
-``import duallora`` registers both methods with peft; then ``get_peft_model``, ``PeftModel.from_pretrained``,
+Installing it registers both methods with peft whenever peft is imported (``duallora_autoload``), and so does
+``import duallora``; then ``get_peft_model``, ``PeftModel.from_pretrained``,
 ``merge_and_unload`` and the rest of peft work with :class:`DualLoraConfig` and :class:`D2LoraConfig`.
 
 Layout: ``dual/`` and ``d2/`` hold each method (config, layer, maths, tuner), ``core/`` what both share, ``app/`` the
 command line and the evidence (the ``cli`` extra; nothing here imports it).
 """
 
-from .core.registration import check_peft_version, register
+from duallora_autoload import quiet_missing_kernels_message
+
+quiet_missing_kernels_message()  # before peft imports bitsandbytes (see duallora_autoload)
+
+from .core.registration import check_peft_version, check_transformers_peft_pair, register  # noqa: E402
 
 check_peft_version()
+check_transformers_peft_pair()
 
 from .core.lora_export import convert_to_lora, save_as_lora  # noqa: E402
 from .d2.config import D2LoraConfig  # noqa: E402

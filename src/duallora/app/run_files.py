@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ..core.atomic import atomic_dir
+from ..core.atomic import atomic_dir, atomic_write_text
 
 __all__ = ["atomic_dir", "atomic_write_text", "latest_checkpoint", "prepare_output_dir", "publish_weights"]
 
@@ -43,21 +43,6 @@ def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool, accelerato
 def latest_checkpoint(out: Path) -> Optional[Path]:
     complete = sorted((out / "checkpoints").glob("step-*/trainer_state.pt"))
     return complete[-1].parent if complete else None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place, with the permissions ``open`` gives."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600); a results file is not
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def publish_weights(model, out: Path, state_dict: Optional[dict] = None) -> None:

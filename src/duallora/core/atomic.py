@@ -1,5 +1,5 @@
-"""Writing a directory under a temporary name and renaming it into place, so that an interruption never leaves a
-half-written one where a good one was."""
+"""Writing a file or a directory under a temporary name and renaming it into place, so that an interruption never
+leaves a half-written one where a good one was."""
 
 from __future__ import annotations
 
@@ -21,3 +21,18 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place, with the permissions ``open`` gives."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600); a results file is not
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask

@@ -8,6 +8,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .model_card import write_loading_section
+
 
 def check_choice(field_name: str, value: str, valid: tuple[str, ...]) -> None:
     """Raise a ValueError naming the field and the valid names when ``value`` is not one of them."""
@@ -132,6 +134,14 @@ class WeightAdapterConfig(PeftConfig):
     def check_rank(self, field_name: str, rank) -> None:
         """Ranks are positive integers; methods with more structure narrow this."""
         check_range(field_name, rank, "a positive integer (>= 1)", isinstance(rank, int) and rank >= 1)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write adapter_config.json as peft does, and the model card's section that says how to load the adapter
+        (its method, ``pip install duallora``, a snippet): peft alone cannot open it."""
+        super().save_pretrained(save_directory, **kwargs)
+        peft_type = getattr(self.peft_type, "value", self.peft_type)
+        write_loading_section(save_directory, peft_type, getattr(self.task_type, "value", self.task_type),
+                              self.base_model_name_or_path)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

@@ -1,8 +1,11 @@
-"""Making duallora's methods first-class PEFT methods: the PeftType members, the version guard, registration."""
+"""Making duallora's methods first-class PEFT methods: the PeftType members, the version guards, registration."""
 
 from __future__ import annotations
 
+import warnings
+
 import peft
+import transformers
 from packaging.version import Version
 from peft.utils import PeftType, register_peft_method
 
@@ -15,6 +18,32 @@ def check_peft_version() -> None:
         raise ImportError(
             f"duallora needs peft >= {MIN_PEFT_VERSION}, found peft {peft.__version__}. "
             f"Upgrade it: pip install 'peft>={MIN_PEFT_VERSION}'."
+        )
+
+
+# From transformers 5.24 on, its own adapter API (on the base model: model.add_adapter(...), not PeftModel's) refuses
+# every peft before 0.22 with "The version of PEFT you are using is not compatible, please use a version >= 0.22.0".
+TRANSFORMERS_REFUSING_OLD_PEFT = "5.24.0"
+PEFT_ACCEPTED_BY_IT = "0.22.0"
+REFUSED_TRANSFORMERS_METHODS = ("add_adapter", "set_adapter", "enable_adapters", "disable_adapters",
+                                "active_adapters", "get_adapter_state_dict", "delete_adapter")
+
+
+def check_transformers_peft_pair(transformers_version: str = transformers.__version__,
+                                 peft_version: str = peft.__version__) -> None:
+    """Warn loudly when this transformers refuses this peft in its adapter API (duallora's own ranges exclude the
+    pair; a user can still install it by hand). ``PeftModel`` and ``load_adapter`` keep working then."""
+    if (Version(transformers_version) >= Version(TRANSFORMERS_REFUSING_OLD_PEFT)
+            and Version(peft_version) < Version(PEFT_ACCEPTED_BY_IT)):
+        methods = ", ".join(f"model.{name}()" for name in REFUSED_TRANSFORMERS_METHODS)
+        warnings.warn(
+            f"transformers {transformers_version} refuses peft {peft_version} in its own adapter API: {methods} on "
+            f"a transformers model raise 'please use a version >= {PEFT_ACCEPTED_BY_IT}' (for every PEFT method, "
+            f"LoRA included). get_peft_model, PeftModel (its add_adapter, set_adapter, ...) and load_adapter still "
+            f"work. Fix: pip install 'transformers<{TRANSFORMERS_REFUSING_OLD_PEFT}' (the tested set is in "
+            f"duallora's constraints.txt), or peft >= {PEFT_ACCEPTED_BY_IT} once it is released.",
+            UserWarning,
+            stacklevel=3,
         )
 
 

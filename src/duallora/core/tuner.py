@@ -28,8 +28,10 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors import SafetensorError, safe_open
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .base_weight import base_weight_of
+from . import combine
 from .layer import (BASE_ROWS, AdaptedLayer, Conv1D, is_adaptable, is_quantized_bitsandbytes, unsupported_layer_error,
                     zero3_merge_error)
 from .factor import current_key
@@ -143,6 +145,39 @@ class AdaptedWeightTuner(BaseTuner):
                 handle.remove()
 
     # ------------------------------------------------------------------ merging
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """peft's selection of the adapter's entries, refusing FSDP2 shards: saved as they are, safetensors fails
+        ("invalid python storage", LoRA too) and ``safe_serialization=False`` silently writes rank 0's shard."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        sharded = [key for key, value in selected.items() if isinstance(value, DTensor)]
+        if sharded:  # raise, not gather: full_tensor() is a collective, and a save on rank 0 alone would hang
+            raise ValueError(
+                f"save_pretrained got the adapter of a sharded (FSDP2) model: {len(sharded)} entries such as "
+                f"{sharded[0]!r} are DTensor shards, and saving them would write one rank's part. Gather the full "
+                "state dict on every rank, then save from rank 0:\n"
+                "    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+                "cpu_offload=True))\n"
+                "    model.save_pretrained(path, state_dict=sd, is_main_process=dist.get_rank() == 0)\n"
+                "(from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions)."
+            )
+        return selected
+
+    # ------------------------------------------------------------------ combining
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "cat", svd_rank=None, svd_clamp=None, svd_full_matrices=True,
+                             svd_driver=None, density=None, majority_sign_method="total") -> None:
+        """Add ``adapter_name`` with the update ``sum_i weights[i] * dW_i`` of ``adapters``, where that is exact
+        (:mod:`duallora.core.combine`, docs/combining.md); peft's signature, LoRA's options refused. Not activated,
+        as with LoRA: ``model.set_adapter(adapter_name)``."""
+        lora_options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                            svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
+        combine.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, lora_options)
+
+    def combined_config(self, configs: list, weights: list[float], combination_type: str):
+        """The new adapter's config (raise, via ``combine.refuse``, where the method cannot combine exactly)."""
+        raise NotImplementedError
+
     def _check_merge_finite(self, adapter_names: Optional[list[str]]) -> None:
         bad = [f"{name}: {'; '.join(problems)}" for name, m in self.model.named_modules()
                if isinstance(m, AdaptedLayer) and (problems := m.merge_problems(adapter_names))]

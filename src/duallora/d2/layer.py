@@ -20,9 +20,11 @@ from torch import nn
 
 from ..core.base_weight import as_rows
 from ..core.blocked import weight_blocks
+from ..core.combine import copy_into
 from ..core.layer import AdaptedLayer
 from .config import D2LoraConfig
-from .maths import d2_delta_weight, d2_linear, d2_unit_scale, d2_unmerge, d2_weight, d2_weight_rows, frozen_unit_norm
+from .maths import (d2_concatenated_branches, d2_delta_weight, d2_linear, d2_unit_scale, d2_unmerge, d2_weight,
+                    d2_weight_rows, frozen_unit_norm)
 
 
 @dataclass(frozen=True)
@@ -101,3 +103,11 @@ class D2LoraLayer(AdaptedLayer):
     def unmerge_weight(self, adapter_name: str, w_out: torch.Tensor, factors, k) -> torch.Tensor:
         opts = self.d2_options[adapter_name]
         return d2_unmerge(w_out, d2_delta_weight(*factors, opts.scaling, opts.tau), k)
+
+    def fill_weighted(self, adapter_name: str, adapters: list[str], weights: list[float]) -> None:
+        """Make ``adapter_name`` (scale 1, tau 1) hold ``sum_i w_i dW_i`` of ``adapters`` (docs/combining.md)."""
+        options = [self.d2_options[name] for name in adapters]
+        pos_coefs = [w * o.scaling for w, o in zip(weights, options)]
+        neg_coefs = [w * o.scaling * o.tau for w, o in zip(weights, options)]
+        branches = d2_concatenated_branches([self.float_factors(name) for name in adapters], pos_coefs, neg_coefs)
+        copy_into(self, adapter_name, dict(zip(self.adapter_layer_names, branches)))

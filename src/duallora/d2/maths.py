@@ -189,3 +189,18 @@ def d2_weight_rows(s: slice, w0, A_pos, B_pos, A_neg, B_neg, w0_norm, scale: flo
     """Rows ``s`` of ``W_hat`` (or of ``W_hat - W0``) in the factors' dtype."""
     rule = D2Rows(scale, tau, norm_axis, detach_norm, with_base)
     return rule.rows(rule.block(s, as_rows(w0), (A_pos, B_pos, A_neg, B_neg, w0_norm)))
+
+
+def d2_concatenated_branches(branch_sets, pos_coefs, neg_coefs):
+    """One D2 adapter (scale 1, tau 1) whose update is the weighted sum of several: ``sum_i w_i dW_i``, exactly.
+
+    ``dW_i = s_i (A+_i B+_i - tau_i A-_i B-_i)``; stacking the branches along the rank,
+    ``[c_1 A+_1, c_2 A+_2, ...] [B+_1; B+_2; ...] = sum_i c_i A+_i B+_i``, so with ``c_i = w_i s_i`` for the positive
+    branches (``pos_coefs``) and ``w_i s_i tau_i`` for the negative ones (``neg_coefs``) the sum is one update of rank
+    ``sum_i r_i``. ``branch_sets``: ``(A_pos, B_pos, A_neg, B_neg)`` per adapter, A ``(out, r_i)``, B ``(r_i, in)``.
+    """
+    def stacked(index, coefs):
+        return (torch.cat([c * factors[index] for factors, c in zip(branch_sets, coefs)], dim=1),
+                torch.cat([factors[index + 1] for factors in branch_sets], dim=0))
+
+    return (*stacked(0, pos_coefs), *stacked(2, neg_coefs))

@@ -23,9 +23,10 @@ from torch import nn
 
 from ..core.blocked import autocast_dtype, weight_blocks
 from ..core.layer import AdaptedLayer
+from ..core.combine import copy_into
 from . import warmup
 from .config import DualLoraConfig, init_std
-from .maths import dual_delta_weight, dual_linear, dual_warmup_coef, dual_weight_rows
+from .maths import dual_delta_weight, dual_weighted_factors, dual_linear, dual_warmup_coef, dual_weight_rows
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,13 @@ class DualLoraLayer(AdaptedLayer):
                 _warn_if_clip_sees_scaled_gradients(self.dual_options[name], autocast_dtype(x))
             elif not torch.compiler.is_compiling():
                 self.warmup_clocks[name].sync()
+
+    def fill_weighted(self, adapter_name: str, adapters: list[str], weights: list[float]) -> None:
+        """Make ``adapter_name`` hold ``w dW`` of the one adapter in ``adapters``, its warm-up clock included."""
+        (source,), (weight,) = adapters, weights
+        factors = dual_weighted_factors(*self.float_factors(source), weight)
+        copy_into(self, adapter_name, dict(zip(self.adapter_layer_names, factors)))
+        self.dual_lora_step[adapter_name].copy_(self.dual_lora_step[source])  # lam_t is part of dW
 
 
 _clip_warned = False

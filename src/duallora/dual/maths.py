@@ -228,3 +228,14 @@ def dual_weight_rows(s: slice, w0, A, B, C, D, coef, magnitude_activation: str, 
     forward and the eval cache build."""
     rule = DualRows(magnitude_activation, direction_activation, with_base=with_base)
     return rule.rows(rule.block(s, as_rows(w0), (A, B, C, D, coef)))
+
+
+# Activations with m(c x) = c m(x) for c > 0 (a weight's size moves into B), and with d(-x) = -d(x) (its sign into D)
+POSITIVELY_HOMOGENEOUS_MAGNITUDES = ("relu", "identity")
+ODD_DIRECTIONS = ("sign", "tanh", "identity")
+
+
+def dual_weighted_factors(A, B, C, D, weight: float):
+    """The factors of ``weight * dW``, exactly: ``|w| m(B A) = m(|w| B A)`` for a positively homogeneous ``m``, and
+    ``sign(w) d(D C) = d(sign(w) D C)`` for an odd ``d``; so ``B -> |w| B`` and ``D -> sign(w) D``."""
+    return A, abs(weight) * B, C, (1.0 if weight > 0 else -1.0) * D
