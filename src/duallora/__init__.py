@@ -17,6 +17,7 @@ from .core.registration import check_peft_version, check_transformers_peft_pair,
 check_peft_version()
 check_transformers_peft_pair()
 
+from .core.hotswap import hotswap_adapter  # noqa: E402
 from .core.lora_export import convert_to_lora, save_as_lora  # noqa: E402
 from .d2.config import D2LoraConfig  # noqa: E402
 from .d2.layer import D2LoraLayer  # noqa: E402
@@ -39,6 +40,7 @@ __all__ = [
     "DualLoraLayer",
     "DualLoraModel",
     "convert_to_lora",
+    "hotswap_adapter",
     "save_as_lora",
     "set_warmup_step",
     "warmup_steps_taken",
