@@ -5,6 +5,7 @@ layers narrower than K are exact; bad input is refused and nothing at the output
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -139,11 +140,12 @@ def test_export_command_writes_adapters_report_and_scores(tiny_checkpoints, tiny
     for name in ("export.md", "export.png", "lora-r2/adapter_model.safetensors", "lora-r32/adapter_config.json"):
         assert (out / name).exists(), name
     assert "| K | error, all layers |" in (out / "export.md").read_text()
-    # the written adapter loads in a process without duallora imported
+    # the written adapter loads in a process without duallora imported (its registration on `import peft` off)
     code = ("import sys, peft, transformers; m = transformers.AutoModelForSequenceClassification.from_pretrained("
             f"{str(tiny_checkpoints['bert'])!r}, num_labels=2); peft.PeftModel.from_pretrained(m, {str(out / 'lora-r2')!r}); "
             "assert 'duallora' not in sys.modules; print('LOADED')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "DUALLORA_NO_AUTOLOAD": "1"})
     assert "LOADED" in result.stdout, result.stderr[-2000:]
     # a second export to the same place is refused without --overwrite
     assert main(["export", "--adapter", str(run), "--to-lora", "--rank", "2", "--output", str(out)]) == 2
