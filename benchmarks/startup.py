@@ -50,6 +50,18 @@ def seconds(python: str, code: str) -> float:
     return time.perf_counter() - start
 
 
+def imported_ms(code: str, module: str, runs: int = 5) -> float:
+    """Median cumulative import time of ``module`` in ``python -X importtime -c code`` (0 if never imported)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    times = []
+    for _ in range(runs):
+        log = subprocess.run([sys.executable, "-X", "importtime", "-c", code], check=True, env=env,
+                             capture_output=True, text=True).stderr
+        lines = [line.split("|") for line in log.splitlines() if line.startswith("import time:")]
+        times.append(next((int(cells[1]) / 1000 for cells in lines if cells[2].strip() == module), 0.0))
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40)
@@ -70,14 +82,17 @@ def main() -> None:
             with_ms, without_ms = (1000 * statistics.median(runs[name]) for name in ("with", "without"))
             rows.append({"program": label, "with_ms": round(with_ms, 2), "without_ms": round(without_ms, 2),
                          "difference_ms": round(with_ms - without_ms, 2), "ratio": round(with_ms / without_ms, 3),
-                         "runs": count})
+                         "runs": count, "duallora_autoload_ms": round(imported_ms(code, "duallora_autoload"), 2),
+                         "duallora_ms": round(imported_ms(code, "duallora"), 1)})
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "startup.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    table = ["| program | with the .pth (median ms) | without (median ms) | difference (ms) | ratio | runs |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    table = ["| program | with the .pth (median ms) | without (median ms) | difference (ms) | ratio | runs "
+             "| importing duallora_autoload (ms) | importing duallora (ms) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     table += [f"| `{r['program']}` | {r['with_ms']} | {r['without_ms']} | {r['difference_ms']:+} | {r['ratio']} "
-              f"| {r['runs']} |" for r in rows]
-    text = "\n".join(table) + "\n\nalternating runs; `python benchmarks/startup.py`\n"
+              f"| {r['runs']} | {r['duallora_autoload_ms']} | {r['duallora_ms']} |" for r in rows]
+    text = "\n".join(table) + ("\n\nalternating runs; the last two columns: cumulative times from `python -X "
+                               "importtime`, median of 5; `python benchmarks/startup.py`\n")
     (DOCS / "startup.md").write_text(text)
     print(text)
 

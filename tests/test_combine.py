@@ -71,7 +71,8 @@ def test_dual_one_adapter_times_a_weight_is_exact_and_keeps_its_warmup_clock(wei
     ("d2", dict(adapters=["one"], weights=[1.0], svd_rank=4), "['svd_rank'] belong to LoRA's"),
     ("d2", dict(adapters=["one", "three"], weights=[1.0, 1.0]), "unknown adapters ['three']"),
     ("d2", dict(adapters=["one", "two"], weights=[1.0]), "2 adapters but 1 weights"),
-    ("d2", dict(adapters=["one", "two"], weights=[1.0, 0]), "non-zero numbers"),
+    ("d2", dict(adapters=["one", "two"], weights=[1.0, 0]), "finite non-zero numbers"),
+    ("d2", dict(adapters=["one", "two"], weights=[1.0, float("inf")]), "finite non-zero numbers"),
     ("d2", dict(adapters=["one"], weights=[1.0], adapter_name="two"), "exists already"),
 ])
 def test_what_is_not_exact_is_refused_naming_the_alternatives_and_nothing_changes(method, call, message):
@@ -92,4 +93,7 @@ def test_dual_with_a_non_homogeneous_magnitude_refuses_a_weight():
                                                          magnitude_activation="sigmoid"), adapter_name="one")
     with pytest.raises(ValueError, match="magnitude_activation='sigmoid' cannot carry a weight"):
         model.add_weighted_adapter(["one"], [0.5], "half")
-    assert warmup_steps_taken(model, "one") == 0 and set(model.peft_config) == {"one"}
+    model.add_weighted_adapter(["one"], [-1.0], "negated")  # a sign alone goes into D: exact for any magnitude
+    for layer in layers(model):
+        assert_float32_close(dual_update(layer, "negated"), -dual_update(layer, "one"))
+    assert warmup_steps_taken(model, "one") == 0 and set(model.peft_config) == {"one", "negated"}

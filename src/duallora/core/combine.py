@@ -7,6 +7,8 @@ adapter times a weight is (its size into B, its sign into D). Everything else is
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 COMBINATION_TYPES = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -37,8 +39,8 @@ def check_request(tuner, adapters, weights, adapter_name: str, combination_type:
     if len(weights) != len(adapters):
         raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights; give one "
                          f"weight per adapter.")
-    if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w == 0 or w != w for w in weights):
-        raise ValueError(f"add_weighted_adapter: weights must be non-zero numbers, got {list(weights)} (an "
+    if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w == 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"add_weighted_adapter: weights must be finite non-zero numbers, got {list(weights)} (an "
                          f"adapter of weight 0 contributes nothing: leave it out of the list).")
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"add_weighted_adapter: unknown combination_type {combination_type!r}; peft's are "

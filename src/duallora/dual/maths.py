@@ -230,9 +230,9 @@ def dual_weight_rows(s: slice, w0, A, B, C, D, coef, magnitude_activation: str, 
     return rule.rows(rule.block(s, as_rows(w0), (A, B, C, D, coef)))
 
 
-# Activations with m(c x) = c m(x) for c > 0 (a weight's size moves into B), and with d(-x) = -d(x) (its sign into D)
+# Magnitudes with m(c x) = c m(x) for c > 0: a weight's size moves into B. Every direction activation is odd,
+# d(-x) = -d(x), so a weight's sign always moves into D.
 POSITIVELY_HOMOGENEOUS_MAGNITUDES = ("relu", "identity")
-ODD_DIRECTIONS = ("sign", "tanh", "identity")
 
 
 def dual_weighted_factors(A, B, C, D, weight: float):

@@ -5,7 +5,7 @@ import dataclasses
 from ..core.combine import refuse
 from ..core.tuner import AdaptedWeightTuner
 from .layer import DualLoraLayer
-from .maths import ODD_DIRECTIONS, POSITIVELY_HOMOGENEOUS_MAGNITUDES
+from .maths import POSITIVELY_HOMOGENEOUS_MAGNITUDES
 
 
 class DualLoraModel(AdaptedWeightTuner):
@@ -28,8 +28,7 @@ class DualLoraModel(AdaptedWeightTuner):
             refuse(self.method_title, "combination_type='svd' would refit dW with LoRA factors; use 'cat' or "
                                       "'linear' (the same, exact, for one adapter)")
         config = configs[0]
-        if weights[0] != 1 and (config.magnitude_activation not in POSITIVELY_HOMOGENEOUS_MAGNITUDES
-                                or config.direction_activation not in ODD_DIRECTIONS):
+        if abs(weights[0]) != 1 and config.magnitude_activation not in POSITIVELY_HOMOGENEOUS_MAGNITUDES:
             refuse(self.method_title, f"magnitude_activation={config.magnitude_activation!r} cannot carry a weight "
                                       f"exactly; only {list(POSITIVELY_HOMOGENEOUS_MAGNITUDES)} can")
         return dataclasses.replace(config, inference_mode=True)
