@@ -49,6 +49,36 @@ def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
 
 MODELS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 
+
+def tiny_moe(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random mixture-of-experts model of transformers 5, whose experts are 3-D parameters: Mixtral and
+    Qwen3-MoE store them (experts, out, in), gpt-oss (experts, in, out) with expert biases; OLMoE as Mixtral."""
+    from transformers import (GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
+                              OlmoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, max_position_embeddings=64)
+    if kind == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**common, intermediate_size=48, num_local_experts=4,
+                                                 num_experts_per_tok=2))
+    elif kind == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, intermediate_size=48, moe_intermediate_size=24,
+                                                   num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1))
+    elif kind == "gpt_oss":
+        model = GptOssForCausalLM(GptOssConfig(**common, intermediate_size=48, num_local_experts=4,
+                                               num_experts_per_tok=2, layer_types=["full_attention"] * 2))
+    elif kind == "olmoe":
+        model = OlmoeForCausalLM(OlmoeConfig(**{k: v for k, v in common.items() if k != "head_dim"},
+                                             intermediate_size=24, num_experts=4, num_experts_per_tok=2))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+MOE_MODELS = ("mixtral", "qwen3_moe", "gpt_oss")
+EXPERTS = ["gate_up_proj", "down_proj"]
+
 # Two float32 computations of one value in another order (merged vs unmerged, fused vs eager, blocked vs whole, one
 # process vs two): a reduction of n terms rounds to within (n - 1) eps of the sum of the terms' sizes. The tiny
 # models reduce over at most 64 terms (the MLP width), in chains of at most 16 (embedding, two decoder layers of

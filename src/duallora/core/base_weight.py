@@ -50,8 +50,9 @@ class WeightRows:
 
     def rows(self, s: slice, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``s`` of ``W0`` in ``dtype``, row-major (the fused kernels take dense inputs only: a transposed
-        input to the compiled D2 reduction gave wrong results in torch 2.13)."""
-        return self.tensor[s].to(dtype).contiguous()
+        input to the compiled D2 reduction gave wrong results in torch 2.13). For a stack ``(experts, out, in)``, rows
+        ``s`` of every matrix."""
+        return self.tensor[..., s, :].to(dtype).contiguous()
 
     def full(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All of ``W0`` in ``dtype`` (merges, inspection)."""
@@ -86,6 +87,11 @@ class BaseWeight(WeightRows):
         return torch.Size(reversed(shape)) if isinstance(self.layer, Conv1D) else shape
 
     @property
+    def parameter(self) -> torch.Tensor:
+        """The stored parameter (what FSDP shards, DeepSpeed partitions, ``save_pretrained`` reads)."""
+        return self.layer.weight
+
+    @property
     def device(self) -> torch.device:
         return self.layer.weight.device
 
@@ -109,6 +115,54 @@ class BaseWeight(WeightRows):
         exact up to the weight's dtype)."""
         # copy_ in place: the Parameter keeps its storage, so tied weights and optimizer references stay valid
         self.layer.weight.data.copy_(w.t() if isinstance(self.layer, Conv1D) else w)
+        return None
+
+
+class ParameterWeight(WeightRows):
+    """A parameter that its module reads itself, as ``(..., out, in)``: a 2-D one (a router's ``weight``) as a Linear
+    stores it, a 3-D stack of expert matrices as ``(experts, out, in)`` (Mixtral, Qwen3-MoE, OLMoE) or, where the
+    module stores ``(experts, in, out)`` (gpt-oss: ``transposed``), as a transposed view of it (no copy).
+
+    The parameter is read from the module's ``_parameters``: while an adapter runs the module, the module's attribute
+    of that name is the adapted weight (:mod:`duallora.core.param_wrapper`), the stored ``W0`` stays here."""
+
+    def __init__(self, module: nn.Module, name: str, transposed: bool):
+        self.module, self.name, self.transposed = module, name, transposed
+
+    @property
+    def parameter(self) -> torch.Tensor:
+        return self.module._parameters[self.name]
+
+    def to_stored(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` of shape ``(..., out, in)`` in the layout the module stores (a view)."""
+        return w.mT if self.transposed else w
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.to_stored(self.parameter)
+
+    @property
+    def shape(self) -> torch.Size:
+        shape = full_shape(self.parameter)  # a ZeRO-3 partition's whole shape
+        return torch.Size((*shape[:-2], shape[-1], shape[-2])) if self.transposed else shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.parameter.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parameter.dtype
+
+    def watched(self) -> list[torch.Tensor]:
+        return [self.parameter]
+
+    def snapshot(self) -> None:
+        return None
+
+    @torch.no_grad()
+    def write(self, w: torch.Tensor) -> None:
+        self.parameter.data.copy_(self.to_stored(w))  # in place: optimizer references and tied views stay valid
         return None
 
 

@@ -10,6 +10,7 @@ to do with one block through a :class:`RowRule` (``dual/maths.py``, ``d2/maths.p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -53,9 +54,11 @@ def row_blocks(rows: int, per_block: int) -> list[slice]:
 def weight_blocks(w0: WeightRows, factor_dtype: torch.dtype, kernel: KernelOptions,
                   whole: bool = False) -> list[slice]:
     """The row blocks in which ``W0``'s ``out x in`` matrices are built (``whole``: one block), each a multiple of
-    the rows ``W0`` can be read in (a quantized weight's blocks must not be split)."""
-    out_features, in_features = w0.shape
-    per_block = out_features if whole else kernel.rows_per_block(out_features, in_features, factor_dtype.itemsize)
+    the rows ``W0`` can be read in (a quantized weight's blocks must not be split). A stack of matrices
+    ``(experts, out, in)`` is cut along ``out`` for all its matrices at once, the bound covering the whole block."""
+    *stack, out_features, in_features = w0.shape
+    per_block = out_features if whole else kernel.rows_per_block(out_features, in_features * math.prod(stack),
+                                                                 factor_dtype.itemsize)
     multiple = w0.row_multiple
     return row_blocks(out_features, min(out_features, max(multiple, per_block // multiple * multiple)))
 
@@ -67,6 +70,14 @@ def blocked_weight(rows, blocks: list[slice], in_features: int, device: torch.de
     for s in blocks:
         weight[s] = rows(s)
     return weight
+
+
+def add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """``out += alpha * a @ b`` in place, for matrices or stacks of them (a factor gradient summed over blocks)."""
+    if out.dim() == 2:
+        out.addmm_(a, b, alpha=alpha)
+    else:
+        out.baddbmm_(a, b, alpha=alpha)
 
 
 def _matrix(t: torch.Tensor) -> torch.Tensor:
@@ -179,3 +190,43 @@ class BlockedAdapterLinear(torch.autograd.Function):
                 del state, w0_rows  # at most one block's matrices alive at once
         grad_b = _matrix(grad_out).sum(0) if (ctx.has_bias and ctx.needs_input_grad[2]) else None
         return (work.input_grad(x), grad_w0, grad_b, None, None, None, *grads)
+
+
+class BlockedAdaptedWeight(torch.autograd.Function):
+    """``f(W0)`` itself, for a matrix or a stack ``(experts, out, in)``, saving only ``tensors`` (the factors and the
+    method's constants): the adapted weight of a parameter that a module reads itself (MoE experts held as 3-D
+    parameters), where no ``x`` comes in to fuse with.
+
+    Forward: the result is filled one row block (of every matrix of the stack) at a time, in ``w0``'s dtype and
+    memory layout. Backward, given ``G = dL/df(W0)``: per block, rebuild the block's products and let the rule turn
+    ``G[..., s, :]`` into factor gradients. The transients are one block's; the only whole-stack tensors are the
+    result (which the module's own matmuls keep, as they keep a LoRA-adapted weight) and ``G`` (autograd's).
+    """
+
+    @staticmethod
+    def forward(ctx, w0, rule: RowRule, kernel: KernelOptions, base: WeightRows, *tensors):
+        factor_dtype = tensors[0].dtype
+        blocks = weight_blocks(base, factor_dtype, kernel, whole=rule.whole)
+        result = torch.empty_like(w0)  # w0's strides: a transposed view gives a transposed result
+        with torch.no_grad(), torch.autocast(w0.device.type, enabled=False):
+            for s in blocks:
+                result[..., s, :] = rule.rows(rule.block(s, base, tensors))
+        ctx.save_for_backward(*tensors)
+        ctx.rule, ctx.kernel, ctx.base, ctx.blocks, ctx.factor_dtype = rule, kernel, base, blocks, factor_dtype
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_weight):
+        tensors = ctx.saved_tensors
+        rule, base = ctx.rule, ctx.base
+        grad_w0 = torch.empty_like(grad_weight) if ctx.needs_input_grad[0] and rule.depends_on_w0 else None
+        grads = rule.gradient_buffers(tuple(tensors))
+        with torch.autocast(grad_weight.device.type, enabled=False):
+            for s in ctx.blocks:
+                state = rule.block(s, base, tensors)
+                g = grad_weight[..., s, :].to(ctx.factor_dtype).contiguous()  # the fused kernels take dense inputs
+                w0_rows = rule.backward(s, g, state, tensors, grads)
+                if grad_w0 is not None:
+                    grad_w0[..., s, :] = w0_rows
+                del state, g, w0_rows  # at most one block's matrices alive at once
+        return (grad_w0, None, None, None, *grads)

@@ -39,6 +39,15 @@ class WeightAdapterConfig(PeftConfig):
             "the output layer)."
         },
     )
+    target_parameters: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Parameters to adapt that a module reads itself, not through an nn.Linear: the experts of MoE "
+            "models held as 3-D parameters (one matrix per expert, each with its own factors), a router's weight. "
+            "Names as LoraConfig's: a full parameter key or a suffix of it, e.g. ['mlp.experts.gate_up_proj', "
+            "'mlp.experts.down_proj']. Combines with target_modules."
+        },
+    )
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
     )
@@ -113,6 +122,10 @@ class WeightAdapterConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.target_parameters, str):
+            raise ValueError(f"`target_parameters` must be a list of parameter names, not a string "
+                             f"({self.target_parameters!r}): e.g. ['mlp.experts.gate_up_proj'] (regexes are not "
+                             "supported, as in LoraConfig).")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
         if self.layers_pattern and self.layers_to_transform is None:

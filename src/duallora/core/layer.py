@@ -89,12 +89,12 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **layer_kwargs) -> None:
         super().__init__()
-        if not is_adaptable(base_layer):
-            raise unsupported_layer_error(base_layer)
+        self.check_base_layer(base_layer, config)
         self.base_layer = base_layer
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.out_features, self.in_features = self.base.shape
+        *stack, self.out_features, self.in_features = self.base.shape
+        self.stack_shape = tuple(stack)  # (experts,) for a stack of expert matrices: each gets its own factors
         self.memory_efficient: dict[str, bool] = {}
         self.kernel_options: dict[str, KernelOptions] = {}
         self.eval_cache: dict[str, bool] = {}
@@ -108,6 +108,11 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         self.register_load_state_dict_pre_hook(self._load_0_1_keys)  # adapters saved by duallora 0.1
         self.update_layer(adapter_name, config, **layer_kwargs)
 
+    def check_base_layer(self, base_layer: nn.Module, config) -> None:
+        """Refuse, before anything is built, a base layer this class cannot adapt."""
+        if not is_adaptable(base_layer):
+            raise unsupported_layer_error(base_layer)
+
     # ----------------------------------------------------------------- method hooks
     def create_adapter(self, adapter_name: str, config, **layer_kwargs) -> None:
         raise NotImplementedError
@@ -119,6 +124,11 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
 
     def fused_linear(self, adapter_name, x, w0, bias, with_base: bool) -> torch.Tensor:
         """``x f(W0)^T + b`` (or ``x (f(W0) - W0)^T``) through the memory-efficient autograd Function."""
+        raise NotImplementedError
+
+    def efficient_weight(self, adapter_name: str, w0: torch.Tensor) -> torch.Tensor:
+        """``f(W0)`` itself in ``w0``'s dtype and layout (a matrix or a stack of expert matrices), through the
+        memory-efficient autograd Function that keeps only the factors."""
         raise NotImplementedError
 
     def weight_rows(self, adapter_name: str, w0: torch.Tensor, factors) -> tuple[list[slice], Any]:
@@ -300,7 +310,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
     def _check_base_is_whole(self) -> None:
         """The adapter reads ``W0`` itself, outside the base layer's forward: refuse, before any work, the wrappings
         under which ``W0`` is not whole there (they would crash deep inside, or compute on a placeholder)."""
-        weight = self.get_base_layer().weight
+        weight = self.base.parameter
         if isinstance(weight, DTensor):
             raise RuntimeError(
                 f"W0 of an adapted {self._base_description()} is still a sharded DTensor ({weight.placements}) when the adapter reads it. "

@@ -30,11 +30,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .base_weight import base_weight_of
+from .base_weight import ParameterWeight, base_weight_of
 from . import combine
 from .layer import (BASE_ROWS, AdaptedLayer, Conv1D, is_adaptable, is_quantized_bitsandbytes, unsupported_layer_error,
                     zero3_merge_error)
 from .factor import current_key
+from .param_wrapper import AdaptedParameter, stored_layout_is_transposed
+from .parameter_targets import check_parameter_targets, convert_moe_targets, unwrapped_name, warn_unadapted_experts
 from .watch import full_shape
 
 _PEFT_KEY_PREFIX = "base_model.model."
@@ -44,11 +46,13 @@ class AdaptedWeightTuner(BaseTuner):
     """Shared tuner; subclasses name their prefix and layer class."""
 
     tuner_layer_cls: type[AdaptedLayer]
+    param_wrapper_cls: type[AdaptedParameter]  # the method on target_parameters
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     # ------------------------------------------------------------------ injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        convert_moe_targets(self.peft_config[adapter_name], model)  # before all-linear is expanded (peft's order)
         config = self.peft_config[adapter_name] = _expand_all_linear(self.peft_config[adapter_name], model)
         if state_dict is None:
             self._check_targets(model, config)
@@ -57,6 +61,19 @@ class AdaptedWeightTuner(BaseTuner):
             check_adapter_file(model, adapter_dir, self.tuner_layer_cls)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        if not config.inference_mode:
+            warn_unadapted_experts(model)
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        """LoRA's rule: no ``target_modules`` means the model type's default ones, and is an error only for a model
+        type without defaults when no ``target_parameters`` are given either."""
+        if peft_config.target_modules is None:
+            defaults = self.target_module_mapping.get(model_config.get("model_type"))
+            if defaults is not None:
+                peft_config.target_modules = defaults if isinstance(defaults, str) else set(defaults)
+            elif not peft_config.target_parameters:
+                raise ValueError("Please specify `target_modules` or `target_parameters` in `peft_config`.")
+        return peft_config
 
     def _check_targets(self, model: nn.Module, config) -> None:
         """Dry run of the target matching: raise before any module is replaced."""
@@ -73,13 +90,15 @@ class AdaptedWeightTuner(BaseTuner):
                 excluded.append(name)
             elif result:
                 matched.append((name, module))
+        if trial.target_parameters:
+            check_parameter_targets(model, trial, [unwrapped_name(name) for name, _ in matched])
         bad = [(name, m) for name, m in matched
                if not is_adaptable(m.get_base_layer() if isinstance(m, BaseTunerLayer) else m)
                or (isinstance(m, BaseTunerLayer) and not isinstance(m, self.tuner_layer_cls))]
         if bad:
             name, module = bad[0]
             raise unsupported_layer_error(module, name)
-        if not matched:
+        if not matched and (trial.target_modules or not trial.target_parameters):
             names = adaptable_module_names(model)
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
             hint = f" All of them were excluded by exclude_modules={config.exclude_modules}." if excluded else ""
@@ -89,19 +108,33 @@ class AdaptedWeightTuner(BaseTuner):
                 f"{names[:6]}). Pass some of these names, a regex, or 'all-linear'."
             )
 
-    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key,
+                            parameter_name: Optional[str] = None, **kwargs):
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), config.r)
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), current_key), config.lora_alpha)
-        if isinstance(target, self.tuner_layer_cls):
+        if parameter_name is not None:  # target_parameters (peft's _inject_parameters)
+            if isinstance(target, self.param_wrapper_cls) and target.parameter_name == parameter_name:
+                target.update_layer(adapter_name, config, r=r, lora_alpha=alpha)
+                return
+            new_module = self.param_wrapper_cls(target, adapter_name, config, parameter_name=parameter_name, r=r,
+                                                lora_alpha=alpha)
+        elif isinstance(target, self.tuner_layer_cls) and not isinstance(target, AdaptedParameter):
             target.update_layer(adapter_name, config, r=r, lora_alpha=alpha)
             return
-        if isinstance(target, BaseTunerLayer) or not is_adaptable(target):
-            raise unsupported_layer_error(target, current_key)
-        _align_fan_in_fan_out(config, target, current_key)
-        new_module = self.tuner_layer_cls(target, adapter_name, config, r=r, lora_alpha=alpha)
+        else:
+            if isinstance(target, BaseTunerLayer) or not is_adaptable(target):
+                raise unsupported_layer_error(target, current_key)
+            _align_fan_in_fan_out(config, target, current_key)
+            new_module = self.tuner_layer_cls(target, adapter_name, config, r=r, lora_alpha=alpha)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter does not train
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, AdaptedParameter) and not isinstance(new_module, BaseTunerLayer):
+            setattr(parent, child_name, new_module)  # unloading a nest: the module it held, as it was (peft's step
+            return  # would copy a weight from the inner wrapper, which has none)
+        super()._replace_module(parent, child_name, new_module, child)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -237,6 +270,9 @@ class AdaptedWeightTuner(BaseTuner):
             self._check_merge_finite(adapter_names)
         dtype = dtype or _config_dtype(self.model)
         for name, layer in layers:
+            if isinstance(layer, AdaptedParameter):  # a dense parameter (bitsandbytes quantizes Linear layers only)
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)  # exact; unload() keeps it
+                continue
             if layer.merged:
                 layer.unmerge()  # the quantized W0 as it was, not its requantized merge
             names = [n for n in (adapter_names or layer.active_adapters) if n in getattr(layer, layer.adapter_layer_names[0])]
@@ -325,7 +361,7 @@ def check_adapter_file(model: nn.Module, adapter_dir: str, layer_cls: type[Adapt
 
 
 def _check_factor_shape(path, modules, module_name, param_name, shape, dims) -> None:
-    module = modules.get(module_name)
+    module = modules.get(unwrapped_name(module_name))  # a target_parameters adapter nests: experts.base_layer.X
     if module is None:
         raise ValueError(
             f"The adapter {path} has weights for layer {module_name!r}, which this base model does not have. "
@@ -334,7 +370,8 @@ def _check_factor_shape(path, modules, module_name, param_name, shape, dims) -> 
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
     if not is_adaptable(module):
-        raise unsupported_layer_error(module, module_name)
+        _check_parameter_factor_shape(path, module, module_name, param_name, shape, dims)
+        return
     out_f, in_f = base_weight_of(module).shape  # (out, in), also for Conv1D and a quantized layer's packed weight
     sizes = {"out": out_f, "in": in_f}
     for axis, dim_name in enumerate(dims):
@@ -344,6 +381,32 @@ def _check_factor_shape(path, modules, module_name, param_name, shape, dims) -> 
                 f"(out={out_f}, in={in_f}), but the adapter's {param_name} has shape {shape}, made for a layer with "
                 f"{dim_name}={shape[axis]}. Load it onto the base model it was trained with."
             )
+
+
+def _check_parameter_factor_shape(path, module, module_name, param_name, shape, dims) -> None:
+    """A factor of a ``target_parameters`` adapter must fit one of the module's 2-D or 3-D parameters: the same
+    number of experts, and ``in`` or ``out`` where the factor carries it."""
+    candidates = {}
+    for name, param in module.named_parameters(recurse=False):
+        try:
+            candidates[name] = ParameterWeight(module, name, stored_layout_is_transposed(module, name)).shape
+        except (ValueError, TypeError):
+            continue
+    if not candidates:
+        raise unsupported_layer_error(module, module_name)
+
+    def fits(size) -> bool:
+        sizes = {"out": size[-2], "in": size[-1]}
+        return (len(shape) == len(size) and tuple(shape[:-2]) == tuple(size[:-2])
+                and all(d is None or shape[len(shape) - 2 + axis] == sizes[d] for axis, d in enumerate(dims)))
+
+    if not any(fits(size) for size in candidates.values()):
+        found = {name: tuple(size) for name, size in candidates.items()}
+        raise ValueError(
+            f"The adapter {path} does not fit this base model: its {param_name} for {unwrapped_name(module_name)!r} "
+            f"has shape {tuple(shape)}, which fits none of that module's parameters (as (experts, out, in): {found}). "
+            "Load it onto the base model it was trained with."
+        )
 
 
 def _report_rounding(layers: list[tuple[str, AdaptedLayer]]) -> None:

@@ -23,8 +23,8 @@ from ..core.blocked import weight_blocks
 from ..core.combine import copy_into
 from ..core.layer import AdaptedLayer
 from .config import D2LoraConfig
-from .maths import (d2_concatenated_branches, d2_delta_weight, d2_linear, d2_unit_scale, d2_unmerge, d2_weight,
-                    d2_weight_rows, frozen_unit_norm)
+from .maths import (d2_concatenated_branches, d2_delta_weight, d2_efficient_weight, d2_linear, d2_unit_scale,
+                    d2_unmerge, d2_weight, d2_weight_rows, frozen_unit_norm)
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,13 @@ class D2LoraLayer(AdaptedLayer):
         )
         # dW = 0 at init: the factors that meet x first (B) random and independent (equal branches would stay
         # collinear), the others (A) zero, as LoRA initialises its A and B.
-        factors = {}
+        factors, stack = {}, self.stack_shape  # stack: () for a Linear; (experts,) for a stack of expert matrices
         for branch in ("pos", "neg"):
-            b = torch.empty(r, self.in_features)
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            factors[f"d2_lora_B_{branch}"], factors[f"d2_lora_A_{branch}"] = b, torch.zeros(self.out_features, r)
+            b = torch.empty(*stack, r, self.in_features)
+            for matrix in b.view(-1, r, self.in_features):  # each expert's own fan-in (a 3-D tensor's is r * in)
+                nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))
+            factors[f"d2_lora_B_{branch}"] = b
+            factors[f"d2_lora_A_{branch}"] = torch.zeros(*stack, self.out_features, r)
         self.add_factors(adapter_name, factors)
 
     def _input_norm(self, adapter_name: str, w_in) -> torch.Tensor:
@@ -85,6 +87,12 @@ class D2LoraLayer(AdaptedLayer):
         opts = self.d2_options[adapter_name]
         return d2_linear(x, w0, bias, *self.compute_factors(adapter_name), self._input_norm(adapter_name, w0), opts.scaling,
                          opts.tau, opts.norm_axis, opts.detach_norm, with_base, self.kernel_options[adapter_name])
+
+    def efficient_weight(self, adapter_name: str, w0: torch.Tensor) -> torch.Tensor:
+        opts = self.d2_options[adapter_name]
+        return d2_efficient_weight(w0, *self.compute_factors(adapter_name), self._input_norm(adapter_name, w0),
+                                   opts.scaling, opts.tau, opts.norm_axis, opts.detach_norm,
+                                   self.kernel_options[adapter_name])
 
     def weight_rows(self, adapter_name: str, w0: torch.Tensor, factors):
         opts = self.d2_options[adapter_name]

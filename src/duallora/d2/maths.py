@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.base_weight import as_rows
-from ..core.blocked import DEFAULT_KERNEL, BlockedAdapterLinear, KernelOptions, RowRule
+from ..core.blocked import (DEFAULT_KERNEL, BlockedAdaptedWeight, BlockedAdapterLinear, KernelOptions, RowRule,
+                             add_matmul_)
 from ..core.fused import fused
 
 NORM_AXES = ("out", "in")
@@ -29,11 +30,12 @@ _NORM_EPS = 1e-12
 
 def unit_norm(w: torch.Tensor, axis: str) -> torch.Tensor:
     """``n(W)``: L2 norm of each output unit (``axis="out"``: over ``in``, shape ``(out, 1)``, as PEFT's
-    DoRA) or of each input column (``axis="in"``: over ``out``, shape ``(1, in)``)."""
+    DoRA) or of each input column (``axis="in"``: over ``out``, shape ``(1, in)``); per matrix of a stack
+    ``(experts, out, in)``."""
     if axis == "out":
-        return torch.linalg.vector_norm(w, dim=1, keepdim=True)
+        return torch.linalg.vector_norm(w, dim=-1, keepdim=True)
     if axis == "in":
-        return torch.linalg.vector_norm(w, dim=0, keepdim=True)
+        return torch.linalg.vector_norm(w, dim=-2, keepdim=True)
     raise ValueError(f"unknown norm axis {axis!r}; valid: {NORM_AXES}")
 
 
@@ -44,9 +46,9 @@ def frozen_unit_norm(w0, axis: str, blocks: list[slice]) -> torch.Tensor:
     w0 = as_rows(w0)
     with torch.no_grad():
         if axis == "out":
-            return torch.cat([unit_norm(w0.rows(s, torch.float32), "out") for s in blocks])
+            return torch.cat([unit_norm(w0.rows(s, torch.float32), "out") for s in blocks], dim=-2)
         if axis == "in":
-            squares = sum(w0.rows(s, torch.float32).square().sum(0, keepdim=True) for s in blocks)
+            squares = sum(w0.rows(s, torch.float32).square().sum(-2, keepdim=True) for s in blocks)
             return squares.sqrt()
     raise ValueError(f"unknown norm axis {axis!r}; valid: {NORM_AXES}")
 
@@ -112,7 +114,7 @@ def d2_product_grads(g: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, w0: 
     if detach_norm:
         g_prime = g * k
     else:
-        dim = 1 if norm_axis == "out" else 0
+        dim = -1 if norm_axis == "out" else -2
         radial = (g * w_prime).sum(dim=dim, keepdim=True) / unit_norm(w_prime, norm_axis).square().clamp_min(_NORM_EPS)
         g_prime = (g - radial * w_prime) * k
     return g + g_prime, g_prime
@@ -134,7 +136,8 @@ _d2_product_grads = fused(d2_product_grads)
 @dataclass(frozen=True)
 class D2Rows(RowRule):
     """D2-LoRA's row rule (``tensors`` = A_pos, B_pos, A_neg, B_neg, n(W0)). With ``norm_axis="out"`` each output
-    row is projected on its own; ``"in"`` normalises whole columns, so the matrix is one block."""
+    row is projected on its own; ``"in"`` normalises whole columns, so the matrix is one block. Matrices or stacks of
+    them (rows ``s`` of every expert)."""
 
     scale: float
     tau: float
@@ -148,8 +151,8 @@ class D2Rows(RowRule):
 
     def block(self, s, w0, tensors):
         A_pos, B_pos, A_neg, B_neg, w0_norm = tensors
-        norm = w0_norm[s] if self.norm_axis == "out" else w0_norm
-        return A_pos[s] @ B_pos, A_neg[s] @ B_neg, w0.rows(s, A_pos.dtype), norm
+        norm = w0_norm[..., s, :] if self.norm_axis == "out" else w0_norm
+        return A_pos[..., s, :] @ B_pos, A_neg[..., s, :] @ B_neg, w0.rows(s, A_pos.dtype), norm
 
     def rows(self, state):
         pos, neg, w0_rows, norm = state
@@ -169,10 +172,10 @@ class D2Rows(RowRule):
                                           self.detach_norm)
         w0_rows_grad = g_prime if self.with_base else g_prime - g  # y sees W0 through W' (and minus W0 itself)
         g_dw = g_dw.to(A_pos.dtype)  # n(W0) is float32 even for bf16 factors: back to the factors' dtype
-        grad_A_pos[s] = self.scale * (g_dw @ B_pos.t())
-        grad_A_neg[s] = (-self.scale * self.tau) * (g_dw @ B_neg.t())
-        grad_B_pos.addmm_(A_pos[s].t(), g_dw, alpha=self.scale)
-        grad_B_neg.addmm_(A_neg[s].t(), g_dw, alpha=-self.scale * self.tau)
+        grad_A_pos[..., s, :] = self.scale * (g_dw @ B_pos.mT)
+        grad_A_neg[..., s, :] = (-self.scale * self.tau) * (g_dw @ B_neg.mT)
+        add_matmul_(grad_B_pos, A_pos[..., s, :].mT, g_dw, alpha=self.scale)
+        add_matmul_(grad_B_neg, A_neg[..., s, :].mT, g_dw, alpha=-self.scale * self.tau)
         return w0_rows_grad
 
 
@@ -182,6 +185,14 @@ def d2_linear(x, w0, bias, A_pos, B_pos, A_neg, B_neg, w0_norm, scale: float, ta
     the factors only, the ``out x in`` matrices are rebuilt in row blocks inside backward."""
     rule, base = D2Rows(scale, tau, norm_axis, detach_norm, with_base), as_rows(w0)
     return BlockedAdapterLinear.apply(x, base.tensor, bias, rule, kernel, base, A_pos, B_pos, A_neg, B_neg, w0_norm)
+
+
+def d2_efficient_weight(w0, A_pos, B_pos, A_neg, B_neg, w0_norm, scale: float, tau: float, norm_axis: str = "out",
+                        detach_norm: bool = False, kernel: KernelOptions = DEFAULT_KERNEL) -> torch.Tensor:
+    """``W_hat`` as a tensor of ``w0``'s dtype and layout, for a matrix or a stack ``(experts, out, in)``, memory-
+    efficient: autograd keeps the factors and ``n(W0)`` only (:class:`BlockedAdaptedWeight`)."""
+    rule = D2Rows(scale, tau, norm_axis, detach_norm)
+    return BlockedAdaptedWeight.apply(w0, rule, kernel, as_rows(w0), A_pos, B_pos, A_neg, B_neg, w0_norm)
 
 
 def d2_weight_rows(s: slice, w0, A_pos, B_pos, A_neg, B_neg, w0_norm, scale: float, tau: float, norm_axis: str,
@@ -200,7 +211,7 @@ def d2_concatenated_branches(branch_sets, pos_coefs, neg_coefs):
     ``sum_i r_i``. ``branch_sets``: ``(A_pos, B_pos, A_neg, B_neg)`` per adapter, A ``(out, r_i)``, B ``(r_i, in)``.
     """
     def stacked(index, coefs):
-        return (torch.cat([c * factors[index] for factors, c in zip(branch_sets, coefs)], dim=1),
-                torch.cat([factors[index + 1] for factors in branch_sets], dim=0))
+        return (torch.cat([c * factors[index] for factors, c in zip(branch_sets, coefs)], dim=-1),
+                torch.cat([factors[index + 1] for factors in branch_sets], dim=-2))
 
     return (*stacked(0, pos_coefs), *stacked(2, neg_coefs))

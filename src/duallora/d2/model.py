@@ -5,6 +5,7 @@ import dataclasses
 from ..core.combine import refuse
 from ..core.tuner import AdaptedWeightTuner
 from .layer import D2LoraLayer
+from .param_wrapper import ParamWrapper
 
 
 class D2LoraModel(AdaptedWeightTuner):
@@ -12,6 +13,7 @@ class D2LoraModel(AdaptedWeightTuner):
 
     prefix = "d2_lora_"
     tuner_layer_cls = D2LoraLayer
+    param_wrapper_cls = ParamWrapper
     method_title = "D2-LoRA"
 
     def combined_config(self, configs, weights, combination_type):

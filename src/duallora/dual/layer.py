@@ -26,7 +26,8 @@ from ..core.layer import AdaptedLayer
 from ..core.combine import copy_into
 from . import warmup
 from .config import DualLoraConfig, init_std
-from .maths import dual_delta_weight, dual_weighted_factors, dual_linear, dual_warmup_coef, dual_weight_rows
+from .maths import (dual_delta_weight, dual_efficient_weight, dual_linear, dual_warmup_coef, dual_weight_rows,
+                    dual_weighted_factors)
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,12 @@ class DualLoraLayer(AdaptedLayer):
             ste=config.ste, magnitude_activation=config.magnitude_activation,
             direction_activation=config.direction_activation,
         )
-        shapes = {"dual_lora_A": (r1, self.in_features), "dual_lora_B": (self.out_features, r1),
-                  "dual_lora_C": (r2, self.in_features), "dual_lora_D": (self.out_features, r2)}
+        stack = self.stack_shape  # () for a Linear; (experts,) for a stack of expert matrices
+        shapes = {"dual_lora_A": (*stack, r1, self.in_features), "dual_lora_B": (*stack, self.out_features, r1),
+                  "dual_lora_C": (*stack, r2, self.in_features), "dual_lora_D": (*stack, self.out_features, r2)}
         # All four Gaussian (paper Sec. 3.3): a zero magnitude factor would leave ReLU without gradient forever.
         self.add_factors(adapter_name, {name: torch.randn(shape) * init_std(config.init_std, self.in_features,
-                                                                            fan_in=shape[1])
+                                                                            fan_in=shape[-1])
                                         for name, shape in shapes.items()})
         self.dual_lora_step[adapter_name] = torch.zeros((), dtype=torch.long)
         self.warmup_clocks[adapter_name] = warmup.WarmupClock(self, adapter_name, config.warmup_steps)
@@ -109,6 +111,12 @@ class DualLoraLayer(AdaptedLayer):
         return dual_linear(x, w0, bias, *self.compute_factors(adapter_name), self.warmup_coef(adapter_name), with_base,
                            opts.magnitude_activation, opts.direction_activation, opts.ste,
                            self.kernel_options[adapter_name])
+
+    def efficient_weight(self, adapter_name: str, w0: torch.Tensor) -> torch.Tensor:
+        opts = self.dual_options[adapter_name]
+        return dual_efficient_weight(w0, *self.compute_factors(adapter_name), self.warmup_coef(adapter_name),
+                                     opts.magnitude_activation, opts.direction_activation, opts.ste,
+                                     self.kernel_options[adapter_name])
 
     def weight_rows(self, adapter_name: str, w0: torch.Tensor, factors):
         opts, coef = self.dual_options[adapter_name], self.warmup_coef(adapter_name)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.base_weight import as_rows
-from ..core.blocked import DEFAULT_KERNEL, BlockedAdapterLinear, KernelOptions, RowRule
+from ..core.blocked import (DEFAULT_KERNEL, BlockedAdaptedWeight, BlockedAdapterLinear, KernelOptions, RowRule,
+                             add_matmul_)
 from ..core.fused import fused
 
 MAGNITUDE_ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
@@ -179,7 +180,8 @@ _product_grads = fused(dual_product_grads)
 
 @dataclass(frozen=True)
 class DualRows(RowRule):
-    """Dual LoRA's row rule: rows ``s`` need ``B[s]``, ``D[s]`` and ``W0[s]`` (``tensors`` = A, B, C, D, coef)."""
+    """Dual LoRA's row rule: rows ``s`` need ``B[s]``, ``D[s]`` and ``W0[s]`` (``tensors`` = A, B, C, D, coef).
+    Matrices or stacks of them (``(experts, out, r1)`` etc.: rows ``s`` of every expert)."""
 
     magnitude_activation: str = "relu"
     direction_activation: str = "sign"
@@ -192,7 +194,7 @@ class DualRows(RowRule):
 
     def block(self, s, w0, tensors):
         A, B, C, D, coef = tensors
-        return B[s] @ A, D[s] @ C, w0.rows(s, A.dtype), coef
+        return B[..., s, :] @ A, D[..., s, :] @ C, w0.rows(s, A.dtype), coef
 
     def rows(self, state):
         p, q, w0_rows, coef = state
@@ -207,9 +209,9 @@ class DualRows(RowRule):
         p, q, _, _ = state
         grad_A, grad_B, grad_C, grad_D, _ = grads
         g_m, g_d = _product_grads(g, p, q, coef, self.magnitude_activation, self.direction_activation, self.ste)
-        grad_B[s], grad_D[s] = g_m @ A.t(), g_d @ C.t()
-        grad_A.addmm_(B[s].t(), g_m)
-        grad_C.addmm_(D[s].t(), g_d)
+        grad_B[..., s, :], grad_D[..., s, :] = g_m @ A.mT, g_d @ C.mT
+        add_matmul_(grad_A, B[..., s, :].mT, g_m)
+        add_matmul_(grad_C, D[..., s, :].mT, g_d)
         return g  # y sees W0 with weight one: dL/dW0 = G
 
 
@@ -220,6 +222,15 @@ def dual_linear(x, w0, bias, A, B, C, D, coef, with_base: bool = True, magnitude
     is an ``(out, in)`` tensor or a :class:`~duallora.core.base_weight.WeightRows` (a quantized one included)."""
     rule, base = DualRows(magnitude_activation, direction_activation, ste, with_base), as_rows(w0)
     return BlockedAdapterLinear.apply(x, base.tensor, bias, rule, kernel, base, A, B, C, D, coef)
+
+
+def dual_efficient_weight(w0, A, B, C, D, coef, magnitude_activation: str = "relu", direction_activation: str = "sign",
+                          ste: str = "clip", kernel: KernelOptions = DEFAULT_KERNEL) -> torch.Tensor:
+    """``W0 + dW`` as a tensor of ``w0``'s dtype and layout, for a matrix or a stack ``(experts, out, in)`` (factors
+    ``(experts, r1, in)`` etc.), memory-efficient: autograd keeps the factors only (:class:`BlockedAdaptedWeight`).
+    For a parameter that a module reads itself (MoE experts)."""
+    rule = DualRows(magnitude_activation, direction_activation, ste)
+    return BlockedAdaptedWeight.apply(w0, rule, kernel, as_rows(w0), A, B, C, D, coef)
 
 
 def dual_weight_rows(s: slice, w0, A, B, C, D, coef, magnitude_activation: str, direction_activation: str,

@@ -5,6 +5,7 @@ import dataclasses
 from ..core.combine import refuse
 from ..core.tuner import AdaptedWeightTuner
 from .layer import DualLoraLayer
+from .param_wrapper import ParamWrapper
 from .maths import POSITIVELY_HOMOGENEOUS_MAGNITUDES
 
 
@@ -13,6 +14,7 @@ class DualLoraModel(AdaptedWeightTuner):
 
     prefix = "dual_lora_"
     tuner_layer_cls = DualLoraLayer
+    param_wrapper_cls = ParamWrapper
     method_title = "Dual LoRA"
 
     def combined_config(self, configs, weights, combination_type):

@@ -1,0 +1,326 @@
+"""Both methods on mixture-of-experts models whose experts are 3-D parameters (``target_parameters``): tiny Mixtral
+and Qwen3-MoE (experts stored (experts, out, in)) and gpt-oss ((experts, in, out), with expert biases).
+
+The reference is independent of the wrappers: each expert's adapted matrix from the methods' pure functions, one
+expert at a time, put into the bare base model with ``torch.func.functional_call``."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import EXPERTS, METHODS, MOE_MODELS, assert_float32_close, tiny_moe, trained_like
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from duallora import D2LoraConfig, DualLoraConfig
+from duallora.core.param_wrapper import AdaptedParameter
+from duallora.d2.maths import d2_weight, frozen_unit_norm
+from duallora.dual.maths import dual_delta_weight
+from duallora.dual.warmup import warmup_steps_taken
+
+IDS = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
+
+
+def adapted(kind, method, seed=0, **kw):
+    kw.setdefault("target_modules", [])
+    kw.setdefault("target_parameters", EXPERTS)
+    return trained_like(get_peft_model(tiny_moe(kind, seed), METHODS[method](r=4, **kw)))
+
+
+def wrappers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedParameter)}
+
+
+def reference_weight(wrapper, adapter="default"):
+    """``f(W0)`` of every expert, one at a time, from the pure functions; in the stored layout; differentiable in
+    the factors."""
+    w0 = wrapper.get_base_layer()._parameters[wrapper.parameter_name].detach()
+    w0 = w0.mT if wrapper.transposed else w0
+    factors = wrapper.factors(adapter)
+    experts = []
+    for e in range(w0.shape[0]):
+        f = [t[e] for t in factors]
+        if hasattr(wrapper, "dual_options"):
+            o = wrapper.dual_options[adapter]
+            w = w0[e] + dual_delta_weight(*f, wrapper.warmup_coef(adapter), o.magnitude_activation,
+                                          o.direction_activation, o.ste)
+        else:
+            o = wrapper.d2_options[adapter]
+            norm = frozen_unit_norm(w0[e], o.norm_axis, [slice(0, w0.shape[1])])
+            w = d2_weight(w0[e], *f, o.scaling, o.tau, norm, o.norm_axis, o.detach_norm)
+        experts.append(w)
+    stack = torch.stack(experts)
+    return stack.mT if wrapper.transposed else stack
+
+
+def reference_logits(peft_model, base):
+    params = {}
+    for name, wrapper in wrappers(peft_model).items():
+        key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        params[f"{key}.{wrapper.parameter_name}"] = reference_weight(wrapper)
+    return torch.func.functional_call(base, params, (IDS,)).logits
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", MOE_MODELS)
+def test_trainable_count_is_loras_and_twice_for_d2(kind, method):
+    lora = get_peft_model(tiny_moe(kind), LoraConfig(r=4, target_modules=["q_proj"], target_parameters=EXPERTS))
+    ours = get_peft_model(tiny_moe(kind), METHODS[method](r=4, target_modules=["q_proj"], target_parameters=EXPERTS))
+    count = lora.get_nb_trainable_parameters()[0]
+    assert ours.get_nb_trainable_parameters()[0] == (count if method == "dual" else 2 * count)
+    # each expert its own factors: a leading experts dimension
+    for wrapper in wrappers(ours).values():
+        assert all(f.shape[0] == 4 for f in wrapper.factors("default"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", MOE_MODELS)
+def test_forward_and_gradients_match_the_per_expert_reference(kind, method):
+    model = adapted(kind, method).train()
+    base = tiny_moe(kind).train()
+    logits = model(IDS).logits
+    expected = reference_logits(model, base)
+    assert_float32_close(logits, expected)
+    factors = [p for n, p in model.named_parameters() if p.requires_grad]
+    got = torch.autograd.grad(logits.square().mean(), factors)
+    want = torch.autograd.grad(expected.square().mean(), factors)
+    for g, w in zip(got, want):
+        assert_float32_close(g, w)
+    assert all(g.abs().sum() > 0 for g in got)
+    assert (logits - base(IDS).logits).abs().max() > 1e-3  # the experts were adapted
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", MOE_MODELS)
+def test_merge_unmerge_and_merge_and_unload_give_a_plain_moe(kind, method):
+    model = adapted(kind, method, target_modules=["q_proj"])
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(IDS).logits
+        model.merge_adapter()
+        merged = model(IDS).logits
+        model.unmerge_adapter()
+        again = model(IDS).logits
+    assert_float32_close(merged, unmerged)
+    assert_float32_close(again, unmerged)
+    w0 = {n: p.clone() for n, p in tiny_moe(kind).named_parameters()}
+    for wrapper in wrappers(model).values():  # unmerge restored W0 itself
+        key = wrapper.parameter_name
+        stored = wrapper.get_base_layer()._parameters[key]
+        assert any(torch.allclose(stored, w, rtol=0, atol=1e-6) for n, w in w0.items() if n.endswith(key))
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, BaseTunerLayer) for m in plain.modules())
+    assert type(plain.model.layers[0].mlp.experts).__module__.startswith("transformers.")
+    with torch.no_grad():
+        assert_float32_close(plain(IDS).logits, unmerged)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_and_load_are_exact_with_the_warmup_clock(tmp_path, method):
+    kw = {"warmup_steps": 5} if method == "dual" else {}
+    model = adapted("gpt_oss", method, **kw).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(IDS, labels=IDS).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        expected = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_moe("gpt_oss"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, expected)
+    if method == "dual":
+        assert warmup_steps_taken(loaded) == 2
+    assert loaded.peft_config["default"].target_parameters is not None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_several_adapters_disable_adapter_and_mixed_batches(method):
+    model = adapted("mixtral", method, target_modules=["q_proj"])
+    model.add_adapter("other", METHODS[method](r=4, target_modules=["q_proj"], target_parameters=EXPERTS))
+    trained_like(model, std=0.2)
+    model.eval()
+    outputs = {}
+    with torch.no_grad():
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            outputs[name] = model(IDS).logits
+        with model.disable_adapter():
+            outputs["__base__"] = model(IDS).logits
+        base = tiny_moe("mixtral")(IDS).logits
+        assert_float32_close(outputs["__base__"], base)
+        assert (outputs["default"] - outputs["other"]).abs().max() > 1e-3
+        names = ["other", "__base__", "default"]
+        mixed = model(IDS, adapter_names=names).logits
+    for row, name in enumerate(names):
+        assert_float32_close(mixed[row], outputs[name][row])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    grads = []
+    for checkpointing in (False, True):
+        model = adapted("qwen3_moe", method).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(IDS, labels=IDS).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        assert_float32_close(b, a)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bf16_model_trains_its_experts(method):
+    """A bf16 model computes with bf16 expert weights, as without the adapter: each expert's f(W0) is built in
+    float32 from float32 factors and rounded to bf16 once, so it is the reference rounded (half a bf16 ulp, 2^-9 of
+    the largest weight, plus the float32 reordering). The factors stay float32, get gradients, and the loss falls."""
+    model = adapted("mixtral", method).to(torch.bfloat16).train()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    for wrapper in wrappers(model).values():
+        built = wrapper.adapted_parameter(["default"])
+        assert built.dtype == torch.bfloat16
+        expected = reference_weight(wrapper)
+        torch.testing.assert_close(built.float(), expected, rtol=0, atol=2.0**-8 * expected.abs().max().item())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(IDS, labels=IDS).loss
+        assert loss.dtype == torch.float32 or loss.dtype == torch.bfloat16
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+                   for p in model.parameters() if p.requires_grad)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_safe_merge_refuses_a_broken_expert_adapter_untouched(method):
+    model = adapted("mixtral", method)
+    wrapper = next(iter(wrappers(model).values()))
+    with torch.no_grad():
+        wrapper.factors("default")[0][2, 0, 0] = float("nan")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        model.merge_adapter(safe_merge=True)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0, equal_nan=True)
+
+
+def test_training_lowers_the_loss_and_moves_every_expert():
+    model = get_peft_model(tiny_moe("mixtral"), D2LoraConfig(r=4, target_modules=[], target_parameters=EXPERTS))
+    model.train()
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(3))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    for wrapper in wrappers(model).values():
+        delta = wrapper.delta_weight("default")  # zero at init (A = 0): nonzero only where the expert trained
+        assert (delta.flatten(1).abs().amax(1) > 0).all(), "an expert got no update"
+
+
+def test_dual_lora_gives_every_expert_a_full_rank_update():
+    model = adapted("mixtral", "dual")
+    for wrapper in wrappers(model).values():
+        for e, delta in enumerate(wrapper.delta_weight("default")):
+            assert torch.linalg.matrix_rank(delta) > 4, f"expert {e}: rank {torch.linalg.matrix_rank(delta)}"
+
+
+def test_the_router_weight_2d_is_supported():
+    model = adapted("mixtral", "dual", target_parameters=["gate.weight"])
+    (wrapper,) = {type(m.get_base_layer()).__name__ for m in wrappers(model).values()}
+    assert wrapper == "MixtralTopKRouter"
+    model.eval()
+    with torch.no_grad():
+        before = model(IDS).logits
+        assert_float32_close(model.merge_and_unload()(IDS).logits, before)
+
+
+# ----------------------------------------------------------------------------- all-linear and the warning
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "olmoe"])
+def test_all_linear_covers_the_experts_as_loras_conversion_does(kind, method):
+    lora = LoraConfig(r=4, target_modules="all-linear")
+    get_peft_model(tiny_moe(kind), lora)
+    ours = METHODS[method](r=4, target_modules="all-linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no unadapted-experts warning here
+        model = get_peft_model(tiny_moe(kind), ours)
+    assert set(ours.target_parameters) == set(lora.target_parameters) == {"gate.weight", "gate_up_proj", "down_proj"}
+    assert ours.rank_pattern == lora.rank_pattern == {r".*\.gate_up_proj": 8}
+    ranks = {w.parameter_name: w.factors("default")[0].shape for w in wrappers(model).values()}
+    assert ranks["gate_up_proj"][-2 if method == "dual" else -1] == (4 if method == "dual" else 8)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_expert_stacks_left_without_an_adapter_are_named_once(method):
+    with pytest.warns(UserWarning, match="get no adapter") as caught:
+        get_peft_model(tiny_moe("gpt_oss"), METHODS[method](r=4, target_modules="all-linear"))
+    message = [str(w.message) for w in caught if "get no adapter" in str(w.message)]
+    assert len(message) == 1
+    assert "mlp.experts.gate_up_proj" in message[0] and "target_parameters" in message[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        get_peft_model(tiny_moe("gpt_oss"), METHODS[method](r=4, target_modules=["q_proj"],
+                                                            target_parameters=EXPERTS))
+
+
+# ----------------------------------------------------------------------------- bad input
+def assert_refused(model, config, match):
+    before = copy.deepcopy(model.state_dict())
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises((ValueError, TypeError), match=match):
+        get_peft_model(model, config)
+    assert [n for n, _ in model.named_modules()] == names
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_name_matching_no_parameter_lists_the_expert_stacks_and_similar_names():
+    assert_refused(tiny_moe("mixtral"), DualLoraConfig(target_modules=[], target_parameters=["gate_up_projj"]),
+                   r"matches no parameter.*mlp\.experts\.down_proj.*Similar names: \['mlp.experts.gate_up_proj'")
+
+
+def test_one_dimensional_parameters_are_refused_with_the_alternative():
+    assert_refused(tiny_moe("gpt_oss"), DualLoraConfig(target_modules=[], target_parameters=["router.bias"]),
+                   "1 dimension.*bias='all'")
+
+
+def test_a_parameter_of_a_module_adapted_as_a_whole_is_refused_naming_both():
+    assert_refused(tiny_moe("mixtral"), DualLoraConfig(target_modules=["q_proj"], target_parameters=["q_proj.weight"]),
+                   r"q_proj\.weight.*target_modules adapts as a whole")
+
+
+def test_dropout_on_parameters_is_refused():
+    assert_refused(tiny_moe("mixtral"), D2LoraConfig(target_modules=[], target_parameters=EXPERTS, lora_dropout=0.1),
+                   "lora_dropout=0.1 cannot apply to target_parameters")
+
+
+def test_a_stack_whose_layout_cannot_be_told_is_refused():
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 8, 8))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = Experts()
+
+    assert_refused(Model(), DualLoraConfig(target_modules=[], target_parameters=["experts.w"]),
+                   r"Cannot tell the layout of Experts\.w.*is_transposed")
+    model = Model()
+    model.experts.is_transposed = False  # the fix the message names
+    get_peft_model(model, DualLoraConfig(target_modules=[], target_parameters=["experts.w"]))
