@@ -142,17 +142,25 @@ def _tiny_tokenizer(directory):
 def tiny_checkpoints(tmp_path_factory):
     """A tiny BERT and a tiny LLaMA saved as local checkpoints with a small WordPiece tokenizer; ``llama64`` is the
     LLaMA at widths of whole 4-bit quantization blocks (64 values), which bitsandbytes' CPU kernels behind peft's
-    quantized layers need (at width 32 its 4-bit inference kernel fails on one-row inputs)."""
+    quantized layers need (at width 32 its 4-bit inference kernel fails on one-row inputs); ``mixtral`` a tiny
+    Mixtral (4 experts held as 3-D parameters) at those widths."""
     from transformers import BertModel
 
     root = tmp_path_factory.mktemp("checkpoints")
     paths = {}
-    for name in ("bert", "llama", "llama64"):
+    for name in ("bert", "llama", "llama64", "mixtral"):
         directory = root / name
         directory.mkdir()
         tokenizer = _tiny_tokenizer(directory)
         torch.manual_seed(0)
-        if name == "bert":
+        if name == "mixtral":
+            from transformers import MixtralConfig, MixtralForCausalLM
+
+            model = MixtralForCausalLM(MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                                     max_position_embeddings=256, pad_token_id=0, num_local_experts=4,
+                                                     num_experts_per_tok=2))
+        elif name == "bert":
             model = BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, vocab_size=64, max_position_embeddings=128))
         else:

@@ -324,3 +324,168 @@ def test_a_stack_whose_layout_cannot_be_told_is_refused():
     model = Model()
     model.experts.is_transposed = False  # the fix the message names
     get_peft_model(model, DualLoraConfig(target_modules=[], target_parameters=["experts.w"]))
+
+
+# ----------------------------------------------------------------------------- the command line
+def test_the_command_line_trains_inspects_merges_and_exports_the_experts(tiny_checkpoints, tiny_csv, tmp_path):
+    """`duallora train --target-parameters` on a Mixtral classifier, then `inspect` (one row per expert), `merge` (a
+    plain checkpoint with the adapter's outputs) and `export --to-lora` (a peft LoRA target_parameters adapter that
+    peft loads, with its error per expert)."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from duallora.app.cli import main
+    from duallora.app.export import load_lora
+    from duallora.app.train import load_trained
+
+    out = tmp_path / "run"
+    assert main(["train", "--method", "dual", "--model", str(tiny_checkpoints["mixtral"]), "--task", str(tiny_csv),
+                 "--text-column", "text", "--label-column", "label", "--output-dir", str(out), "--max-length", "16",
+                 "--batch-size", "8", "--max-steps", "3", "--warmup-steps", "1", "--rank", "4", "--max-eval-examples",
+                 "8", "--target-modules", ".*q_proj", "--target-parameters", "gate_up_proj,down_proj"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(saved["target_parameters"]) == sorted(EXPERTS)
+
+    assert main(["inspect", "--adapter", str(out)]) == 0
+    rows = json.loads((out / "inspect.json").read_text())
+    experts = [r for r in rows if ".experts.gate_up_proj[" in r["layer"]]
+    assert len(experts) == 2 * 4 and all(r["rank_dW"] > r["lora_bound"] for r in experts)
+
+    model, tokenizer, _, _ = load_trained(out)
+    batch = tokenizer(["good food", "bad service here"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    assert main(["merge", "--adapter", str(out), "--output", str(tmp_path / "merged")]) == 0
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert_float32_close(plain(**batch).logits, expected)
+
+    assert main(["export", "--adapter", str(out), "--to-lora", "--rank", "64", "--output", str(tmp_path / "x")]) == 0
+    report = json.loads((tmp_path / "x" / "export.json").read_text())
+    layers = {row["layer"]: row for row in report["exports"][0]["layers"]}
+    assert {f"mlp.experts.down_proj[{e}]" for e in range(4)} <= {k.split("layers.0.")[-1] for k in layers}
+    assert max(row["relative_error"] for row in layers.values()) < 1e-5  # K = 64 = full rank: exact
+    lora = load_lora(load_trained(out)[3], tmp_path / "x" / "lora-r64")  # a fresh base, peft's LoRA
+    assert isinstance(lora.peft_config["default"], LoraConfig)
+    with torch.no_grad():
+        assert_float32_close(lora(**batch).logits, expected)
+
+
+# ----------------------------------------------------------------------------- 4-bit bases
+@pytest.mark.parametrize("method", METHODS)
+def test_a_4bit_moe_trains_quantized_attention_and_16bit_experts(tiny_checkpoints, method, tmp_path):
+    """bitsandbytes quantizes Linear layers only: attention is 4-bit (QDual / QD2 there), the experts and the router
+    stay dense (Dual / D2 on target_parameters). Training moves every factor and leaves the base; merge_and_dequantize
+    gives a dense Mixtral with the adapter's outputs; the saved adapter reloads onto a fresh 4-bit base."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, MixtralForCausalLM
+
+    from duallora.core.layer import AdaptedLayer
+
+    def base():
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+        return MixtralForCausalLM.from_pretrained(tiny_checkpoints["mixtral"], quantization_config=quantization)
+
+    quantized = base()
+    assert type(quantized.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert quantized.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+    torch.manual_seed(1)
+    model = get_peft_model(prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=True),
+                           METHODS[method](r=4, target_modules="all-linear"))
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer)]
+    assert any(m.base.quantized for m in layers) and any(isinstance(m, AdaptedParameter) for m in layers)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    stacks = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 3 and not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert all(torch.equal(p, stacks[n]) for n, p in model.named_parameters() if n in stacks)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(base(), tmp_path).eval()
+    with torch.no_grad():
+        assert_float32_close(reloaded(input_ids=ids).logits, expected)
+    dense = reloaded.merge_and_dequantize(dtype=torch.float32)
+    assert not any(type(m).__module__.startswith(("bitsandbytes", "peft", "duallora")) for m in dense.modules())
+    with torch.no_grad():
+        assert_float32_close(dense(input_ids=ids).logits, expected)
+
+
+# ----------------------------------------------------------------------------- several processes
+@pytest.mark.slow
+def test_fsdp2_with_sharded_experts_trains_like_one_process(tmp_path):
+    """The FSDP2 check of tests/test_distributed.py on a Mixtral whose expert stacks are sharded with their decoder
+    layers: losses, gradients and eval logits within float32 reordering of one process on the whole batch."""
+    import json
+
+    from test_distributed import WORKERS, torchrun
+
+    from conftest import FLOAT32_REORDER_RTOL
+
+    torchrun(str(WORKERS / "fsdp2_step.py"), str(tmp_path / "fsdp.json"), "mixtral")
+    report = json.loads((tmp_path / "fsdp.json").read_text())
+    for method in METHODS:
+        result = report[method]
+        assert result["base_weight_sharded"], method  # the expert stacks really are split across processes
+        assert max(result["loss"]) <= FLOAT32_REORDER_RTOL, method
+        assert max(result["grads"]) <= FLOAT32_REORDER_RTOL, method
+        assert result["eval_logits"] <= FLOAT32_REORDER_RTOL, method
+        assert result["eval_cache_off_when_sharded"] and result["eval_cache_on_when_not"], method
+
+
+# ----------------------------------------------------------------------------- combining, hotswap
+@pytest.mark.parametrize("method", METHODS)
+def test_add_weighted_adapter_and_hotswap_on_expert_stacks(method, tmp_path):
+    """add_weighted_adapter is exact on stacks as on Linear layers (D2: the branch updates add, sum_i w_i dW_i; Dual:
+    one adapter times a weight), and hotswap_adapter puts another adapter's expert factors in place."""
+    import duallora
+    from duallora.d2.maths import d2_delta_weight
+
+    model = adapted("mixtral", method, target_modules=["q_proj"])
+    model.add_adapter("b", METHODS[method](r=4, target_modules=["q_proj"], target_parameters=EXPERTS))
+    trained_like(model)
+    sources, weights = (["default", "b"], [0.5, 1.5]) if method == "d2" else (["default"], [0.7])
+    model.add_weighted_adapter(sources, weights, "sum", combination_type="cat")
+    for wrapper in wrappers(model).values():
+        if method == "d2":
+            branch = lambda a: d2_delta_weight(*wrapper.float_factors(a), wrapper.d2_options[a].scaling,  # noqa: E731
+                                               wrapper.d2_options[a].tau)
+            got, want = branch("sum"), sum(w * branch(a) for a, w in zip(sources, weights))
+        else:
+            got, want = wrapper.delta_weight("sum"), 0.7 * wrapper.delta_weight("default")
+        assert_float32_close(got, want)
+    model.save_pretrained(tmp_path, selected_adapters=["b"])
+    model.set_adapter("b")
+    model.eval()
+    with torch.no_grad():
+        expected = model(IDS).logits
+        model.set_adapter("default")
+        duallora.hotswap_adapter(model, str(tmp_path / "b"), adapter_name="default")
+        assert torch.equal(model(IDS).logits, expected)
+
+
+def test_an_expert_adapter_whose_update_stays_zero_is_reported():
+    """Dual LoRA's dW is 0 until its warm-up clock moves; a clock that never moves (factors updated where no
+    optimizer step is seen) is reported for expert stacks as for Linear layers."""
+    from duallora.dual.warmup import FrozenWarmupWarning, frozen_clock_passes
+
+    model = get_peft_model(tiny_moe("mixtral"), DualLoraConfig(r=4, warmup_steps=2, target_modules=[],
+                                                               target_parameters=EXPERTS)).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(frozen_clock_passes(2) + 5):
+            model(IDS)
+    frozen = [w for w in caught if issubclass(w.category, FrozenWarmupWarning)]
+    assert len(frozen) == 1 and "lam_t = 0" in str(frozen[0].message)

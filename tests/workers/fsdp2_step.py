@@ -3,9 +3,10 @@
 step, the relative differences of the loss and of each factor's gradient (before the optimizer touches it), the
 absolute differences of the gradients and of the factors after the step, and the largest factor, plus the relative
 difference of the eval-mode logits and whether the eval cache stayed off under sharding, to the JSON file named by
-argv[1].
+argv[1]. With argv[2] = "mixtral", the model is a tiny Mixtral whose experts (3-D parameters, adapted through
+target_parameters: all-linear converts to them) are sharded with their decoder layers.
 
-    torchrun --nproc_per_node 2 tests/workers/fsdp2_step.py result.json
+    torchrun --nproc_per_node 2 tests/workers/fsdp2_step.py result.json [mixtral]
 """
 
 import json
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from peft import get_peft_model
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from duallora import D2LoraConfig, DualLoraConfig
 from duallora.core.layer import AdaptedLayer
@@ -25,13 +26,25 @@ CONFIGS = {"dual": lambda: DualLoraConfig(r=4, target_modules="all-linear", warm
            "d2": lambda: D2LoraConfig(r=2, target_modules="all-linear")}
 STEPS = 3
 LR = 1e-2
+MODEL = sys.argv[2] if len(sys.argv) > 2 else "llama"
+
+
+def base_model():
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    if MODEL == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**sizes, intermediate_size=48, num_local_experts=4,
+                                                num_experts_per_tok=2))
+    return LlamaForCausalLM(LlamaConfig(**sizes, intermediate_size=64))
+
+
+def sharded_base(model) -> torch.Tensor:
+    layer = model.base_model.model.model.layers[0]
+    return layer.mlp.experts.get_base_layer().gate_up_proj if MODEL == "mixtral" else layer.self_attn.q_proj.weight
 
 
 def model_and_optimizer(method: str, shard: bool):
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64)
-    model = get_peft_model(LlamaForCausalLM(config), CONFIGS[method]())
+    model = get_peft_model(base_model(), CONFIGS[method]())
     if shard:
         for layer in model.base_model.model.model.layers:
             fully_shard(layer)
@@ -65,7 +78,7 @@ def compare(method: str, rank: int, world: int) -> dict:
     mine = batch[2 * rank:2 * rank + 2]
     reference, ref_opt = model_and_optimizer(method, shard=False)
     sharded, opt = model_and_optimizer(method, shard=True)
-    base = sharded.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    base = sharded_base(sharded)
     result = {"base_weight_sharded": isinstance(base, DTensor) and base.placements == (Shard(0),),
               "loss": [], "grads": [], "grad_difference": [], "weight_difference": [], "largest_weight": []}
     for _ in range(STEPS):

@@ -58,6 +58,8 @@ HELP = {
     "eval_every": "evaluate on the validation split every N steps", "save_every": "checkpoint every N steps",
     "lr_warmup_ratio": "fraction of steps of linear learning-rate warm-up", "weight_decay": "AdamW weight decay",
     "target_modules": "modules to adapt: 'all-linear' or a comma-free regex", "dropout": "lora_dropout",
+    "target_parameters": "parameters to adapt that a module reads itself, comma-separated: MoE experts held as 3-D "
+                         "stacks, e.g. gate_up_proj,down_proj (dual, d2, lora, loraplus; with dropout 0)",
     "max_train_examples": "use at most N training examples", "max_eval_examples": "score at most N examples",
     "text_column": "data file: the text column", "text_pair_column": "data file: a second text column (pairs)",
     "label_column": "data file: the label column",

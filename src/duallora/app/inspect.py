@@ -12,6 +12,8 @@ import torch
 from ..dual.layer import DualLoraLayer
 from ..dual.maths import direction, magnitude
 from ..core.layer import AdaptedLayer
+from ..core.param_wrapper import AdaptedParameter
+from ..core.parameter_targets import unwrapped_name
 
 
 def numerical_rank(matrix: torch.Tensor) -> int:
@@ -23,26 +25,38 @@ def numerical_rank(matrix: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def layer_report(name: str, layer: AdaptedLayer, adapter: str) -> dict:
+def layer_reports(name: str, layer: AdaptedLayer, adapter: str) -> list[dict]:
+    """One row per adapted matrix: the layer's, or each expert's of a stack (``name.parameter[e]``)."""
     dw = layer.delta_weight(adapter)
     w0 = layer.base_weight().float()
+    factors = [t.float() for t in layer.factors(adapter)]
+    if isinstance(layer, AdaptedParameter):
+        name = f"{unwrapped_name(name)}.{layer.parameter_name}"
+    if dw.dim() == 2:
+        return [matrix_report(name, layer, adapter, dw, w0, factors)]
+    return [matrix_report(f"{name}[{e}]", layer, adapter, dw[e], w0[e], [f[e] for f in factors])
+            for e in range(dw.shape[0])]
+
+
+def matrix_report(name: str, layer: AdaptedLayer, adapter: str, dw, w0, factors) -> dict:
     row = {"layer": name, "shape": list(dw.shape), "rank_dW": numerical_rank(dw), "norm_dW": dw.norm().item(),
            "norm_W0": w0.norm().item(), "relative_norm": (dw.norm() / w0.norm()).item()}
     if isinstance(layer, DualLoraLayer):
         opts = layer.dual_options[adapter]
-        A, B, C, D = (t.float() for t in layer.factors(adapter))
+        A, B, C, D = factors
         p = B @ A
         row.update(lora_bound=opts.r1 + opts.r2, r1=opts.r1, r2=opts.r2,
                    rank_magnitude=numerical_rank(magnitude(p, opts.magnitude_activation)),
                    rank_direction=numerical_rank(direction(D @ C, opts.direction_activation)),
                    relu_off_fraction=(p <= 0).float().mean().item(), warmup_step=int(layer.dual_lora_step[adapter]))
     else:
-        row["lora_bound"] = 2 * layer.d2_lora_A_pos[adapter].weight.shape[1]
+        row["lora_bound"] = 2 * factors[0].shape[-1]
     return row
 
 
 def inspect_model(model, adapter: str = "default") -> list[dict]:
-    return [layer_report(name, m, adapter) for name, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+    return [row for name, m in model.named_modules() if isinstance(m, AdaptedLayer)
+            for row in layer_reports(name, m, adapter)]
 
 
 def inspect_peft(model, adapter: str = "default") -> list[dict]:
@@ -57,13 +71,19 @@ def inspect_peft(model, adapter: str = "default") -> list[dict]:
     for name, m in model.named_modules():
         if isinstance(m, (LoraLayer, HiraLayer)) and adapter in m.r:
             with torch.no_grad():
-                w0 = dequantize_module_weight(m.get_base_layer()).float()
-                dw = m.get_delta_weight(adapter).float()
+                if hasattr(m, "parameter_name"):  # peft's ParamWrapper (target_parameters): a matrix or a stack
+                    w0, dw = m.get_param().float(), m.get_delta_weight(adapter).float()
+                    name = f"{unwrapped_name(name)}.{m.parameter_name}"
+                else:
+                    w0 = dequantize_module_weight(m.get_base_layer()).float()
+                    dw = m.get_delta_weight(adapter).float()
                 if isinstance(m, HiraLayer):  # peft's HiRA gives B A there: its merge multiplies it by W0
                     dw = w0 * dw
-            rows.append({"layer": name, "shape": list(dw.shape), "rank_dW": numerical_rank(dw),
-                         "norm_dW": dw.norm().item(), "norm_W0": w0.norm().item(),
-                         "relative_norm": (dw.norm() / w0.norm()).item(), "lora_bound": m.r[adapter]})
+            matrices = [(name, w0, dw)] if dw.dim() == 2 else [(f"{name}[{e}]", w0[e], dw[e])
+                                                                 for e in range(dw.shape[0])]
+            rows += [{"layer": label, "shape": list(d.shape), "rank_dW": numerical_rank(d), "norm_dW": d.norm().item(),
+                      "norm_W0": w.norm().item(), "relative_norm": (d.norm() / w.norm()).item(),
+                      "lora_bound": m.r[adapter]} for label, w, d in matrices]
     return rows
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 # lora, loraplus (LoRA+: LoRA with a 16x learning rate on B), dora and hira (HiRA: W0 * (BA), full rank) are peft's
 METHODS = ("dual", "d2", "lora", "loraplus", "dora", "hira", "full")
 ADAPTER_METHODS = tuple(m for m in METHODS if m != "full")
+PARAMETER_METHODS = ("dual", "d2", "lora", "loraplus")  # those that take target_parameters
 QUANTIZATIONS = ("4bit", "8bit")
 
 
@@ -54,6 +55,7 @@ class RunConfig:
     lr_warmup_ratio: float = 0.06
     weight_decay: float = 0.0
     target_modules: str = "all-linear"
+    target_parameters: Optional[str] = None  # comma-separated on the command line; a list in a config file
     dropout: float = 0.0
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = 1000
@@ -86,6 +88,10 @@ class RunConfig:
         if self.loraplus_lr_ratio is not None and self.method != "loraplus":
             raise ValueError(f"--loraplus-lr-ratio sets LoRA+'s learning rate of B; --method is {self.method!r}. "
                              "Use --method loraplus, or drop the flag.")
+        if self.target_parameters is not None and self.method not in PARAMETER_METHODS:
+            raise ValueError(f"--target-parameters adapts parameters such as MoE expert stacks, which --method "
+                             f"{self.method} cannot (peft's DoRA and HiRA adapt Linear layers only): choose one of "
+                             f"{', '.join(PARAMETER_METHODS)}, or drop --target-parameters.")
         checks = [("--rank", self.r, self.r >= 1, ">= 1"), ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
                   ("--grad-accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
                   ("--max-length", self.max_length, self.max_length >= 8, ">= 8"),
@@ -103,6 +109,14 @@ class RunConfig:
         for flag, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{flag} must be {allowed}; got {value}.")
+
+    @property
+    def parameter_targets(self) -> Optional[list[str]]:
+        """``target_parameters`` as a list (the flag is comma-separated)."""
+        value = self.target_parameters
+        if value is None or isinstance(value, list):
+            return value
+        return [name.strip() for name in value.split(",") if name.strip()]
 
     @property
     def learning_rate(self) -> float:
@@ -132,7 +146,7 @@ def adapter_config(cfg: RunConfig, task_kind: str):
     task_type = "SEQ_CLS" if task_kind == "classification" else "CAUSAL_LM"
     alpha = cfg.alpha if cfg.alpha is not None else 2 * cfg.r
     common = dict(r=cfg.r, lora_alpha=alpha, target_modules=cfg.target_modules, lora_dropout=cfg.dropout,
-                  task_type=task_type)
+                  task_type=task_type, target_parameters=cfg.parameter_targets)
     ours = {"weight_grad_dtype": cfg.weight_grad_dtype} if cfg.weight_grad_dtype else {}
     options = {k: v for k, v in asdict(cfg).items() if v is not None}
     pick = lambda names: {k: options[k] for k in names if k in options}  # noqa: E731
@@ -142,6 +156,8 @@ def adapter_config(cfg: RunConfig, task_kind: str):
     if cfg.method == "d2":
         return D2LoraConfig(**common, **ours, **pick(["tau", "norm_axis", "detach_norm"]))
     if cfg.method in ("lora", "loraplus", "dora"):
+        if cfg.method == "dora":
+            common.pop("target_parameters")  # validate() refused it
         return LoraConfig(use_dora=cfg.method == "dora", **common)
     if cfg.method == "hira":
         return HiraConfig(r=cfg.r, target_modules=cfg.target_modules, hira_dropout=cfg.dropout, task_type=task_type)

@@ -18,6 +18,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .atomic import atomic_dir
 from .layer import AdaptedLayer
+from .param_wrapper import AdaptedParameter
+from .parameter_targets import unwrapped_name
 
 PEFT_PREFIX = "base_model.model."
 
@@ -39,10 +41,23 @@ def _check_rank(rank: int) -> None:
 def truncated_svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA's ``(A, B)`` of the best rank-``rank`` approximation of ``delta`` (out, in) in the Frobenius norm, at
     scale 1: ``B = U_K S_K`` (out, K), ``A = V_K^T`` (K, in), from the SVD in float32 (the rank is capped at
-    ``min(out, in)``, where it is exact)."""
+    ``min(out, in)``, where it is exact). A stack ``(experts, out, in)`` gives stacks, one SVD per expert."""
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    k = min(rank, s.numel())
-    return vh[:k].contiguous(), (u[:, :k] * s[:k]).contiguous()
+    k = min(rank, s.shape[-1])
+    return vh[..., :k, :].contiguous(), (u[..., :k] * s[..., None, :k]).contiguous()
+
+
+def peft_expert_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert ``A (experts, K, in)``, ``B (experts, out, K)`` in the layout of peft's LoRA ``ParamWrapper``:
+    ``lora_A`` is ``(experts * K, in)``, expert-major; ``lora_B`` is ``(out, K * experts)``, expert-minor (peft
+    reads ``lora_B.reshape(out, K, experts)``)."""
+    return a.reshape(-1, a.shape[-1]), b.permute(1, 2, 0).reshape(b.shape[1], -1)
+
+
+def expert_factors_from_peft(lora_a: torch.Tensor, lora_b: torch.Tensor, experts: int):
+    """The inverse of :func:`peft_expert_factors`."""
+    rank = lora_a.shape[0] // experts
+    return lora_a.reshape(experts, rank, -1), lora_b.reshape(lora_b.shape[0], rank, experts).permute(2, 0, 1)
 
 
 @torch.no_grad()
@@ -56,11 +71,22 @@ def layer_errors(model, state_dict: dict[str, torch.Tensor], adapter_name: str =
         delta = layer.delta_weight(adapter_name)
         lora_a = state_dict[f"{PEFT_PREFIX}{key}.lora_A.weight"].float()
         lora_b = state_dict[f"{PEFT_PREFIX}{key}.lora_B.weight"].float()
-        norm = delta.norm().item()
-        error = (delta - lora_b @ lora_a).norm().item()
-        rows.append({"layer": key, "shape": [layer.out_features, layer.in_features], "rank": lora_a.shape[0],
-                     "norm_dW": norm, "relative_error": error / norm if norm else 0.0})
+        label = key
+        if isinstance(layer, AdaptedParameter):
+            label = f"{unwrapped_name(key)}.{layer.parameter_name}"
+            if delta.dim() == 3:  # each expert's error on a row of its own
+                lora_a, lora_b = expert_factors_from_peft(lora_a, lora_b, delta.shape[0])
+                rows += [_error_row(f"{label}[{e}]", delta[e], lora_a[e], lora_b[e]) for e in range(delta.shape[0])]
+                continue
+        rows.append(_error_row(label, delta, lora_a, lora_b))
     return rows
+
+
+def _error_row(label: str, delta: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> dict:
+    norm = delta.norm().item()
+    error = (delta - lora_b @ lora_a).norm().item()
+    return {"layer": label, "shape": list(delta.shape), "rank": lora_a.shape[0], "norm_dW": norm,
+            "relative_error": error / norm if norm else 0.0}
 
 
 def total_error(rows: list[dict]) -> float:
@@ -96,18 +122,25 @@ def convert_to_lora(model, rank: int, adapter_name: str = "default", progressbar
     prefixes = tuple(layer.prefix for layer in layers.values())
     state_dict = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
                   if not any(p in k for p in prefixes)}
-    ranks = {}
+    ranks, parameters = {}, set()
     for name, layer in tqdm(layers.items(), desc="Converting to LoRA", disable=not progressbar):
         key = name.removeprefix(PEFT_PREFIX)
         lora_a, lora_b = truncated_svd_factors(layer.delta_weight(adapter_name), rank)
+        target = key
+        if isinstance(layer, AdaptedParameter):  # peft's target_parameters: the parameter's key, nested as ours
+            target = f"{unwrapped_name(key)}.{layer.parameter_name}"
+            parameters.add(target)
+            if lora_a.dim() == 3:
+                lora_a, lora_b = peft_expert_factors(lora_a, lora_b)
         # peft's LoRA keeps A (K, in) and B (out, K) on a Conv1D too: fan_in_fan_out transposes B A there
         dtype = layer.factors(adapter_name)[0].dtype  # the adapter's own precision
         state_dict[f"{PEFT_PREFIX}{key}.lora_A.weight"] = lora_a.to(dtype)
         state_dict[f"{PEFT_PREFIX}{key}.lora_B.weight"] = lora_b.to(dtype)
-        ranks[key] = lora_a.shape[0]
+        ranks[target] = min(rank, *layer.base.shape[-2:])
     capped = {key: k for key, k in ranks.items() if k != rank}
     fan_in_fan_out = any(isinstance(layer.get_base_layer(), Conv1D) for layer in layers.values())
-    lora_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(ranks), rank_pattern=capped,
+    lora_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(set(ranks) - parameters),
+                             target_parameters=sorted(parameters) or None, rank_pattern=capped,
                              alpha_pattern=capped, lora_dropout=source.lora_dropout, fan_in_fan_out=fan_in_fan_out,
                              modules_to_save=source.modules_to_save, task_type=source.task_type,
                              base_model_name_or_path=source.base_model_name_or_path, revision=source.revision)
