@@ -14,8 +14,8 @@ In each forward, peft builds every expert's ``W + s B A`` in one ``baddbmm``; Du
 row blocks and keep only their factors (the adapted stack itself is kept by the experts' matmuls, as LoRA's is).
 
 Writes ``docs/bench/moe_<precision>.json`` and ``.md`` (``moe_<precision>_block<N>`` with ``--block-mib N``: the
-bound on each of the transient blocks Dual LoRA and D2-LoRA build ``f(W0)`` and its gradients in; 16 MiB by default). Timings on a shared CPU vary by about 15 %: compare the
-ratios of one run.
+bound on each of the transient blocks Dual LoRA and D2-LoRA build ``f(W0)`` and its gradients in; 16 MiB by
+default). Timings on a shared CPU vary by about 15 %: compare the ratios of one run.
 """
 
 from __future__ import annotations
@@ -138,9 +138,11 @@ def markdown(payload: dict) -> str:
     a = payload["args"]
     results = payload["results"]
     lora = next(r for r in results if r["method"] == "lora")
-    lines = [f"Mixtral, random init: {a['layers']} layers, {a['experts']} experts (top 2), hidden {a['hidden']}, expert "
+    lines = [f"Mixtral, random init: {a['layers']} layers, {a['experts']} experts (top 2), hidden {a['hidden']}, "
+             f"expert "
              f"width {a['width']}, vocab {a['vocab']}; target_parameters gate_up_proj and down_proj, r={a['r']}, "
-             f"dropout 0, block_mib {a['block_mib']:g}; batch {a['batch']}x{a['seq']}, {a['precision']}, AdamW; median of {a['steps']} steps after a "
+             f"dropout 0, block_mib {a['block_mib']:g}; batch {a['batch']}x{a['seq']}, {a['precision']}, AdamW; "
+             f"median of {a['steps']} steps after a "
              f"warm-up step; one process per method; {payload['device']}. The expert stacks hold "
              f"{lora['expert_stacks_mib']:.0f} MiB.", "",
              "Ratios of one run: on a shared CPU, timings vary by about 15 %. `-eager`: without torch.compile.", "",
@@ -153,7 +155,8 @@ def markdown(payload: dict) -> str:
                      f"{r['kept_mib'] / lora['kept_mib']:.2f}x |")
     if payload["targets"]:
         lines += ["", "| target | measured | holds |", "| --- | --- | --- |"]
-        lines += [f"| {t['target']} | {t['ratio']:.2f}x | {'yes' if t['holds'] else 'no'} |" for t in payload["targets"]]
+        lines += [f"| {t['target']} | {t['ratio']:.2f}x | {'yes' if t['holds'] else 'no'} |"
+                  for t in payload["targets"]]
     lines += ["", f"Regenerate: `{payload['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -189,9 +192,11 @@ def main() -> None:
                              text=True, check=True, env={**os.environ, **ENVIRONMENT.get(method, {})})
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        progress.write(f"{method}: {r['step_seconds']:.3f} s/step, peak {r['peak_mib']:.0f} MiB, kept {r['kept_mib']:.0f} MiB")
+        progress.write(f"{method}: {r['step_seconds']:.3f} s/step, peak {r['peak_mib']:.0f} MiB, "
+                       f"kept {r['kept_mib']:.0f} MiB")
+    cpu = f"CPU ({torch.get_num_threads()} threads)"
     payload = {"args": vars(args) | {"child": None},
-               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)",
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu,
                "command": "python benchmarks/moe.py " + " ".join(sys.argv[1:]),
                "results": results, "targets": check_targets({r["method"]: r for r in results})}
     block = "" if args.block_mib == 16.0 else f"_block{args.block_mib:g}"

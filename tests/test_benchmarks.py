@@ -151,3 +151,19 @@ def test_gpu_check_records_a_failed_check_and_exits_non_zero(tmp_path, monkeypat
     assert payload["checks"] == [failing] and "profile" in payload["skipped"]
     assert "| dual | bf16 | compiled vs eager: gradients | 5.00e-01 | 1.00e-01 | **no** |" in \
         (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.slow  # three child processes, each compiling the fused kernels (about 60 s here)
+def test_moe_harness_runs_and_checks_targets(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "moe.py"), "--experts", "4", "--hidden", "64", "--width", "48",
+           "--layers", "1", "--vocab", "64", "--steps", "1", "--batch", "1", "--seq", "16", "--methods",
+           "lora,dual,d2", "--block-mib", "4", "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "moe_fp32_block4.json").read_text())
+    rows = {r["method"]: r for r in payload["results"]}
+    assert list(rows) == ["lora", "dual", "d2"]
+    assert rows["dual"]["trainable_params"] == rows["lora"]["trainable_params"] == rows["d2"]["trainable_params"] // 2
+    assert all(r["step_seconds"] > 0 and r["peak_mib"] > 0 and r["kept_mib"] > 0 for r in rows.values())
+    assert "Dual LoRA kept for backward <= LoRA" in {t["target"] for t in payload["targets"]}
+    assert "Regenerate: `python benchmarks/moe.py" in (tmp_path / "moe_fp32_block4.md").read_text()

@@ -158,6 +158,11 @@ def test_several_adapters_disable_adapter_and_mixed_batches(method):
         mixed = model(IDS, adapter_names=names).logits
     for row, name in enumerate(names):
         assert_float32_close(mixed[row], outputs[name][row])
+        generated = model.generate(input_ids=IDS[:2], adapter_names=names[:2], max_new_tokens=3, do_sample=False)
+        model.set_adapter("other")
+        assert torch.equal(generated[0], model.generate(input_ids=IDS[:1], max_new_tokens=3, do_sample=False)[0])
+        with model.disable_adapter():
+            assert torch.equal(generated[1], model.generate(input_ids=IDS[1:2], max_new_tokens=3, do_sample=False)[0])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -489,3 +494,55 @@ def test_an_expert_adapter_whose_update_stays_zero_is_reported():
             model(IDS)
     frozen = [w for w in caught if issubclass(w.category, FrozenWarmupWarning)]
     assert len(frozen) == 1 and "lam_t = 0" in str(frozen[0].message)
+
+
+def test_the_run_config_takes_target_parameters_for_the_methods_that_adapt_parameters():
+    from duallora.app.run_config import RunConfig, adapter_config
+
+    cfg = RunConfig(method="d2", target_parameters="gate_up_proj, down_proj")
+    cfg.validate()
+    assert adapter_config(cfg, "generation").target_parameters == EXPERTS
+    lora = adapter_config(RunConfig(method="lora", target_parameters=EXPERTS), "generation")
+    assert lora.target_parameters == EXPERTS
+    for method in ("dora", "hira", "full"):
+        with pytest.raises(ValueError, match=f"--method {method} cannot"):
+            RunConfig(method=method, target_parameters="gate_up_proj").validate()
+
+
+def test_the_docs_page_snippet_runs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "moe.md").read_text()
+    snippet = page.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "docs/moe.md", "exec"), {})
+    assert (tmp_path / "moe-adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "qwen3_moe"])
+def test_the_lora_export_of_expert_stacks_loads_in_peft_with_the_same_outputs(kind, tmp_path):
+    """Both layouts: at full rank the exported LoRA target_parameters adapter is the adapter itself."""
+    import duallora
+
+    model = adapted(kind, "dual", target_modules=["q_proj"]).eval()
+    with torch.no_grad():
+        expected = model(IDS).logits
+    errors = duallora.save_as_lora(tmp_path / "lora", model, rank=64)
+    assert len([e for e in errors if "experts" in e["layer"]]) == 2 * 2 * 4  # layers x stacks x experts
+    assert max(e["relative_error"] for e in errors) < 1e-5
+    lora = PeftModel.from_pretrained(tiny_moe(kind), str(tmp_path / "lora")).eval()
+    assert isinstance(lora.peft_config["default"], LoraConfig)
+    with torch.no_grad():
+        assert_float32_close(lora(IDS).logits, expected)
+
+
+def test_an_all_linear_adapter_reloads_with_its_converted_targets(tmp_path):
+    model = trained_like(get_peft_model(tiny_moe("mixtral"), DualLoraConfig(r=4, target_modules="all-linear")))
+    model.eval()
+    with torch.no_grad():
+        expected = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_moe("mixtral"), tmp_path)
+    assert set(loaded.peft_config["default"].target_parameters) == {"gate.weight", "gate_up_proj", "down_proj"}
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, expected)

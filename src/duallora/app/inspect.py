@@ -89,7 +89,8 @@ def inspect_peft(model, adapter: str = "default") -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     dual = "rank_magnitude" in rows[0]
-    head = "| layer | shape | rank dW | LoRA bound r |" + (" rank ReLU(BA) | rank Sign(DC) | ReLU off |" if dual else "")
+    head = "| layer | shape | rank dW | LoRA bound r |"
+    head += " rank ReLU(BA) | rank Sign(DC) | ReLU off |" if dual else ""
     head += " norm dW / norm W0 |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:

@@ -55,7 +55,8 @@ def stored_layout_is_transposed(module: nn.Module, name: str) -> bool:
     transposed = getattr(module, LAYOUT_ATTRIBUTE, None)
     if not isinstance(transposed, bool):
         raise ValueError(
-            f"Cannot tell the layout of {where} (shape {tuple(param.shape)}): (experts, out, in) or (experts, in, out). "
+            f"Cannot tell the layout of {where} (shape {tuple(param.shape)}): (experts, out, in) or "
+            "(experts, in, out). "
             f"transformers marks its expert modules with `{LAYOUT_ATTRIBUTE}` (use_experts_implementation); "
             f"{type(module).__name__} has none. Set it on each such module before get_peft_model: "
             f"module.{LAYOUT_ATTRIBUTE} = False if the module computes x @ W[e].T (as F.linear), True if x @ W[e]."

@@ -60,8 +60,8 @@ def check_parameter_targets(model: nn.Module, config, module_targets: list[str])
         if owner in adapted_modules or owner in module_targets:
             raise ValueError(
                 f"target_parameters matches {key}, a parameter of {owner}, which target_modules adapts as a whole "
-                f"({type(module).__name__}): a weight can have one adapter path, not two. Drop {owner.rsplit('.', 1)[-1]!r} "
-                "from target_modules, or the parameter from target_parameters."
+                f"({type(module).__name__}): a weight can have one adapter path, not two. Drop "
+                f"{owner.rsplit('.', 1)[-1]!r} from target_modules, or the parameter from target_parameters."
             )
         stored_layout_is_transposed(module, param_name)  # raises for a layout, dimension or dtype it cannot adapt
 
