@@ -139,7 +139,8 @@ def markdown(payload: dict) -> str:
                                               rows) + [""]
     lines += ["## Targets", ""] + _table(
         ["case", "target", "measured", "holds"],
-        [[t["case"], t["target"], f"{t['ratio']:.2f}x", "yes" if t["holds"] else "**no**"] for t in payload["targets"]])
+        [[t["case"], t["target"], f"{t['ratio']:.2f}x", "yes" if t["holds"] else "**no**"]
+         for t in payload["targets"]])
     missed = [t for t in payload["targets"] if not t["holds"] and "why" in t]
     if missed:
         lines += ["", "Missed targets:", ""] + [f"- {t['case']}, {t['target']}: {t['why']}." for t in missed]

@@ -52,8 +52,9 @@ def build(model_name: str, method: str, device: str, checkpointing: bool, quanti
     from variants import peft_config
 
     hidden, mlp, layers, heads, kv, vocab = MODELS[model_name]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device(device):  # initialise where it runs: a 1B model's random init on the CPU takes seconds
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -111,7 +112,8 @@ class StepCase:
 
     @property
     def label(self) -> str:
-        return f"{self.model}{' nf4' if self.quantized else ''} {self.batch}x{self.seq}{' ckpt' if self.checkpointing else ''}"
+        return (f"{self.model}{' nf4' if self.quantized else ''} {self.batch}x{self.seq}"
+                f"{' ckpt' if self.checkpointing else ''}")
 
 
 def measure(case: StepCase, method: str, device: str, steps: int) -> dict:
@@ -185,7 +187,8 @@ def profile_layer(model_name: str, tokens: int, device: str, top: int = 12) -> d
 
 def layer_costs(out_features: int, in_features: int, tokens: int, r: int = RANK, bytes_per: int = 4) -> dict:
     """FLOPs and out x in bytes moved per training step of one adapted linear layer, beyond the frozen base layer's
-    own forward and input gradient (4 T out in FLOPs), per method (METHODS.md, "Cost"; peft's implementations).
+    own forward and input gradient (4 T out in FLOPs), per method (docs/methods/dual_lora.md, "What a step costs";
+    peft's implementations).
 
     - LoRA: x A^T, then B; in backward the two factor gradients and the input gradient through them: 6 T r (in + out).
     - DoRA (peft): LoRA's, plus W0 + s B A and its row norms every step (2 out in r and a few out x in passes).

@@ -102,8 +102,8 @@ def blocks(out_f: int, in_f: int, block_mib) -> int:
 def markdown(payload: dict) -> str:
     a = payload["args"]
     lines = [f"One Linear, {a['tokens']} tokens, r={a['r']}, float32, forward + backward (input gradient included); "
-             f"time: median of {a['repeats']} after a warm-up; peak resident memory: one step after a warm-up, in its own "
-             f"process, every allocation of 1 MiB or more mapped on its own (so freed blocks leave); "
+             f"time: median of {a['repeats']} after a warm-up; peak resident memory: one step after a warm-up, in its "
+             f"own process, every allocation of 1 MiB or more mapped on its own (so freed blocks leave); "
              f"{payload['device']}. One out x in float32 matrix is 4 out in bytes.", "",
              "| layer (out x in) | configuration | blocks | extra peak over frozen | vs whole | time | vs whole |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -2,7 +2,7 @@
 a pure-arithmetic model (no model download; runs in a few seconds), one function per component, each with the
 formula it computes next to it, so that every number can be checked by hand.
 
-    python benchmarks/memory_per_gpu.py                 # r=16, micro-batch 1 x 2048 tokens, checkpointing on, 16 MiB blocks
+    python benchmarks/memory_per_gpu.py            # r=16, micro-batch 1 x 2048 tokens, checkpointing on, 16 MiB blocks
     python benchmarks/memory_per_gpu.py --no-checkpointing --block-mib 0 --lora-input-copy fp32
 
 Writes ``docs/bench/memory_per_gpu.json`` (every component of every row, in bytes and GiB), ``.md`` (the table) and
@@ -11,7 +11,8 @@ Writes ``docs/bench/memory_per_gpu.json`` (every component of every row, in byte
 Assumptions (also in the JSON):
 
 - Sharding: FSDP / ZeRO-3. Every persistent tensor (frozen weights, trainable parameters, their gradients and optimizer
-  state) is split evenly over the N GPUs; one FSDP unit (each decoder layer, the embedding and the LM head are units) is
+  state) is split evenly over the N GPUs; one FSDP unit (each decoder layer, the embedding and the LM head are \
+units) is
   gathered at a time, so the largest unit is held whole on every GPU while it runs. FSDP's prefetch of the next unit
   (which can hold two units at once) is not counted. N = 1 is also the DDP case: DDP holds the 1-GPU numbers on every
   GPU, whatever N (rows with ``"sharding": "ddp"`` in the JSON).
@@ -55,8 +56,8 @@ DUAL_TRANSIENT_MATRICES = 6  # P = B A, Q = D C, the built W, G = g^T x, and the
 
 @dataclass(frozen=True)
 class Shape:
-    """A LLaMA-style decoder: ``layers`` x (attention with ``heads`` query and ``kv_heads`` key/value heads, SwiGLU MLP),
-    untied embedding and LM head."""
+    """A LLaMA-style decoder: ``layers`` x (attention with ``heads`` query and ``kv_heads`` key/value heads, SwiGLU
+    MLP), untied embedding and LM head."""
 
     name: str
     hidden: int
@@ -103,8 +104,8 @@ def model_params(s: Shape) -> int:
 
 
 def layer_adapter_params(s: Shape, r: int) -> int:
-    """Adapter parameters of one decoder layer: ``sum r (in + out)`` over the seven linears. The same for LoRA (A: r x in,
-    B: out x r) and Dual LoRA (A: r1 x in, B: out x r1, C: r2 x in, D: out x r2, r1 + r2 = r)."""
+    """Adapter parameters of one decoder layer: ``sum r (in + out)`` over the seven linears. The same for LoRA
+    (A: r x in, B: out x r) and Dual LoRA (A: r1 x in, B: out x r1, C: r2 x in, D: out x r2, r1 + r2 = r)."""
     return sum(r * (o + i) for _, o, i in linear_shapes(s))
 
 
@@ -118,7 +119,7 @@ def largest_unit_params(s: Shape) -> int:
     return max(layer_params(s), s.vocab * s.hidden)
 
 
-# ----------------------------------------------------------------------------------------------- components, bytes per GPU
+# ------------------------------------------------------------------------------------------- components, bytes per GPU
 def weights_bytes(s: Shape, gpus: int) -> float:
     """Frozen (or, for full fine-tuning, the bf16 working copy of the) base weights, sharded:
     ``2 bytes * model_params / N``."""
@@ -145,8 +146,8 @@ def trainable_state_bytes(s: Shape, gpus: int, method: str, r: int, full_grad_by
     """Trainable parameters, gradients and optimizer state, sharded over N GPUs.
 
     - LoRA / Dual LoRA: ``16 bytes * adapter_params / N`` (fp32 parameter, fp32 gradient, two fp32 AdamW states);
-    - full fine-tuning: ``(full_grad_bytes + 12) * model_params / N`` (gradient, fp32 master copy, two fp32 AdamW states;
-      with the bf16 working copy in ``weights_bytes``: 16 bytes per parameter by default).
+    - full fine-tuning: ``(full_grad_bytes + 12) * model_params / N`` (gradient, fp32 master copy, two fp32 AdamW
+      states; with the bf16 working copy in ``weights_bytes``: 16 bytes per parameter by default).
     """
     if method == "full":
         return (full_grad_bytes + FULL_MASTER_AND_ADAM) * model_params(s) / gpus
@@ -154,7 +155,8 @@ def trainable_state_bytes(s: Shape, gpus: int, method: str, r: int, full_grad_by
 
 
 def layer_activation_bytes_per_token(s: Shape, method: str) -> int:
-    """Bytes one decoder layer saves for backward per token (HF LlamaDecoderLayer, SDPA / flash kernel, bf16, no dropout).
+    """Bytes one decoder layer saves for backward per token (HF LlamaDecoderLayer, SDPA / flash kernel, bf16, no
+    dropout).
 
     Common to every method::
 
@@ -165,8 +167,8 @@ def layer_activation_bytes_per_token(s: Shape, method: str) -> int:
         MLP: gate output (SiLU), up output and SiLU(gate) (mul): 3 * 2i
 
     Linear inputs, saved once each (Dual LoRA's Function, a trainable Linear, or LoRA's A without a dtype cast):
-    the attention norm's output (q, k, v share it) 2h, the MLP norm's output (gate, up) 2h, down's input 2i: ``4h + 2i``.
-    (A frozen ``nn.Linear`` saves only its weight, so LoRA's base layers add nothing; LoRA's own extra is
+    the attention norm's output (q, k, v share it) 2h, the MLP norm's output (gate, up) 2h, down's input 2i:
+    ``4h + 2i``. (A frozen ``nn.Linear`` saves only its weight, so LoRA's base layers add nothing; LoRA's own extra is
     :func:`lora_extra_bytes_per_token_layer`.)
 
     Full fine-tuning adds the two norms' bf16 normalised inputs (their weights train): ``+ 4h``.
@@ -183,8 +185,8 @@ def layer_activation_bytes_per_token(s: Shape, method: str) -> int:
 def head_activation_bytes_per_token(s: Shape, method: str) -> int:
     """Bytes outside the decoder layers per token: the final RMSNorm's fp32 input and rsqrt ``4h + 4``, the loss's fp32
     log-probabilities ``4V``, the int64 labels 8, and the bf16 logits returned to the caller ``2V``.
-    Full fine-tuning adds the final norm's bf16 normalised input and the LM head's input ``2h + 2h`` and the int64 input
-    ids kept by the embedding's backward 8. The loss's transient fp32 copy of the logits (4V) is not counted."""
+    Full fine-tuning adds the final norm's bf16 normalised input and the LM head's input ``2h + 2h`` and the int64
+    input ids kept by the embedding's backward 8. The loss's transient fp32 copy of the logits (4V) is not counted."""
     h, v = s.hidden, s.vocab
     common = FP32 * h + FP32 + FP32 * v + 8 + BF16 * v
     return common + (BF16 * h + BF16 * h + 8 if method == "full" else 0)
@@ -223,9 +225,9 @@ def lora_extra_bytes_per_token_layer(s: Shape, r: int, input_copy: str) -> int:
     - ``"none"``: adapters in the activations' dtype (or peft's ``disable_input_dtype_casting``): no copy, ``lora_A``
       saves ``x`` itself, which is already counted.
 
-    So with a copy: ``c * sum(in)`` over the seven linears (``c (6h + i)``) replaces the ``4h + 2i`` counted once in the
-    common part. Every mode also keeps ``x A^T`` (tokens x r) for ``lora_B``, in bf16 (fp32 in ``"fp32"`` mode): ``7 r c'``.
-    Net: bf16 ``8h + 14r``; fp32 ``20h + 2i + 28r``; none ``14r``.
+    So with a copy: ``c * sum(in)`` over the seven linears (``c (6h + i)``) replaces the ``4h + 2i`` counted once in
+    the common part. Every mode also keeps ``x A^T`` (tokens x r) for ``lora_B``, in bf16 (fp32 in ``"fp32"`` mode):
+    ``7 r c'``. Net: bf16 ``8h + 14r``; fp32 ``20h + 2i + 28r``; none ``14r``.
     """
     c = LORA_INPUT_COPY_BYTES[input_copy]
     copies = c * sum(i for _, _, i in linear_shapes(s)) - (BF16 * s.hidden + BF16 * s.hidden + BF16 * s.intermediate)
@@ -260,10 +262,10 @@ def block_rows(out_features: int, in_features: int, bound_bytes: int) -> int:
 
 def dual_transient_bytes(s: Shape, block_bytes: int, matrices: int = DUAL_TRANSIENT_MATRICES) -> int:
     """Dual LoRA's out x in transients: while one adapted Linear runs forward or backward the memory-efficient Function
-    holds at most about ``matrices`` (6) fp32 matrices of ``block_rows x in`` (P = B A, Q = D C, the built W, the weight
-    gradient G = g^T x and the two branch gradients). Only one layer's exist at a time, so the largest block over the
-    seven linears counts: ``matrices * max_j(block_rows(out_j, in_j) * in_j * 4)``. With the 16 MiB default both
-    ``up``/``gate`` (11008 x 4096 in 7B) and ``down`` are cut to about 16 MiB; with ``block_bytes = 0`` it is
+    holds at most about ``matrices`` (6) fp32 matrices of ``block_rows x in`` (P = B A, Q = D C, the built W, the
+    weight gradient G = g^T x and the two branch gradients). Only one layer's exist at a time, so the largest block
+    over the seven linears counts: ``matrices * max_j(block_rows(out_j, in_j) * in_j * 4)``. With the 16 MiB default
+    both ``up``/``gate`` (11008 x 4096 in 7B) and ``down`` are cut to about 16 MiB; with ``block_bytes = 0`` it is
     ``matrices * out * in * 4`` of the largest linear. Independent of the tokens, the rank and the GPU count."""
     return matrices * max(block_rows(o, i, block_bytes) * i * FP32 for _, o, i in linear_shapes(s))
 
@@ -315,8 +317,9 @@ def quantized_row(s: Shape, method: str, *, r: int = 16, micro_batch: int = 1, s
 
 def quantized_markdown(rows: list[dict], args) -> str:
     lines = [f"One GPU, 4-bit NF4 base with double quantization (QLoRA's), all 7 linears adapted, r={args.r}, "
-             f"micro-batch {args.micro_batch} x {args.seq} tokens, checkpointing {'on' if args.checkpointing else 'off'}, "
-             f"embedding, head and norms in {'fp32 (prepare_model_for_kbit_training)' if args.unquantized_bytes == 4 else 'bf16'}; "
+             f"micro-batch {args.micro_batch} x {args.seq} tokens, "
+             f"checkpointing {'on' if args.checkpointing else 'off'}, embedding, head and norms in "
+             f"{'fp32 (prepare_model_for_kbit_training)' if args.unquantized_bytes == 4 else 'bf16'}; "
              "a GPU of 24 or 80 GB (10^9 bytes) holds the total or not (the CUDA context, ~0.5 GB, and fragmentation "
              "not counted).", "",
              "| model | method | weights | adapter + AdamW | activations | transients | total (GiB) | 24 GB | 80 GB |",
@@ -355,7 +358,8 @@ def memory_row(s: Shape, method: str, gpus: int, *, r: int = 16, micro_batch: in
 
 def all_rows(args) -> list[dict]:
     options = dict(r=args.r, micro_batch=args.micro_batch, seq=args.seq, checkpointing=args.checkpointing,
-                   block_mib=args.block_mib, lora_input_copy=args.lora_input_copy, full_grad_bytes=args.full_grad_bytes)
+                   block_mib=args.block_mib, lora_input_copy=args.lora_input_copy,
+                   full_grad_bytes=args.full_grad_bytes)
     return [memory_row(s, m, n, sharding=sh, **options)
             for s in SHAPES for sh in ("fsdp", "ddp") for n in GPUS for m in METHODS]
 
@@ -366,8 +370,8 @@ def caption(args) -> str:
             f"{'on' if args.checkpointing else 'off'}, bf16 weights and activations, fp32 adapters + AdamW "
             f"(16 B/param), full fine-tuning {args.full_grad_bytes + 14} B/param; FSDP (ZeRO-3) shards all persistent "
             f"state and gathers one decoder layer at a time (DDP: the 1-GPU figure on every GPU); Dual LoRA's "
-            f"out x in blocks {'unbounded' if not args.block_mib else f'<= {args.block_mib:g} MiB'}; LoRA's input copy "
-            f"{args.lora_input_copy}. Arithmetic model: `python benchmarks/memory_per_gpu.py`.")
+            f"out x in blocks {'unbounded' if not args.block_mib else f'<= {args.block_mib:g} MiB'}; "
+            f"LoRA's input copy {args.lora_input_copy}. Arithmetic model: `python benchmarks/memory_per_gpu.py`.")
 
 
 def markdown(rows: list[dict], args) -> str:
@@ -418,13 +422,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-mib", type=float, default=16,
                         help="bound on one fp32 out x in block of Dual LoRA (MiB); 0 = no blocking")
     parser.add_argument("--lora-input-copy", default="bf16", choices=sorted(LORA_INPUT_COPY_BYTES),
-                        help="the copy of each layer input that peft's LoRA saves: bf16 (autocast), fp32 (no autocast), "
-                             "none (adapters in the activation dtype)")
+                        help="the copy of each layer input that peft's LoRA saves: bf16 (autocast), "
+                             "fp32 (no autocast), none (adapters in the activation dtype)")
     parser.add_argument("--full-grad-bytes", type=int, default=BF16, choices=(BF16, FP32),
                         help="full fine-tuning's gradient bytes per parameter (2: 16 B/param in all, 4: 18)")
     parser.add_argument("--unquantized-bytes", type=int, default=FP32, choices=(BF16, FP32),
-                        help="4-bit bases: bytes per weight of what stays unquantized (embedding, head, norms); 4 after "
-                             "prepare_model_for_kbit_training, 2 without it")
+                        help="4-bit bases: bytes per weight of what stays unquantized (embedding, head, norms); "
+                             "4 after prepare_model_for_kbit_training, 2 without it")
     parser.add_argument("--output-dir", default=str(DOCS))
     args = parser.parse_args(argv)
     rows = all_rows(args)
@@ -436,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "memory_per_gpu"
     models = {s.name: {**asdict(s), "params": model_params(s), "adapter_params": adapter_params(s, args.r),
-                       "dual_block_rows": {n: block_rows(o, i, int(args.block_mib * MIB)) for n, o, i in linear_shapes(s)}}
+                       "dual_block_rows": {n: block_rows(o, i, int(args.block_mib * MIB))
+                                           for n, o, i in linear_shapes(s)}}
               for s in SHAPES}
     payload = {"args": vars(args), "caption": caption(args), "assumptions": __doc__.split("Assumptions")[1].strip(),
                "models": models, "rows": rows,

@@ -105,9 +105,9 @@ def markdown(rows: list[dict]) -> str:
         same = [x for x in rows if x["shape"] == r["shape"]]
         frozen = next(x for x in same if x["method"] == "frozen")["ms"]
         lora = next(x for x in same if x["method"] == "lora")["ms"]
-        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['method']} | {r['ms']:.1f} ms | {r['ms'] / frozen:.2f}x | "
-                     f"{r['ms'] / lora:.2f}x | {r['saved_for_backward_mib']:.1f} MiB | {r['model_gflop']:.1f} | "
-                     f"{r['gflop_per_s']:.0f} |")
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['method']} | {r['ms']:.1f} ms | "
+                     f"{r['ms'] / frozen:.2f}x | {r['ms'] / lora:.2f}x | {r['saved_for_backward_mib']:.1f} MiB | "
+                     f"{r['model_gflop']:.1f} | {r['gflop_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

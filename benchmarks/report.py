@@ -1,8 +1,8 @@
-"""Put the benchmark tables from ``docs/bench/*.md`` into the README, between its ``bench`` markers.
+"""Put the benchmark tables from ``docs/bench/*.md`` into docs/performance.md, between its ``bench`` markers.
 
     python benchmarks/report.py
 
-Run it after the benchmarks, so the README shows what they measured (never edit the tables by hand).
+Run it after the benchmarks, so the page shows what they measured (never edit the tables by hand).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ SECTIONS = [
     ("Growth with rank and sequence length, SmolLM2-135M", "growth_smollm2"),
     ("Memory per GPU at scale (LLaMA-2 7B and 70B), and on one GPU with a 4-bit base (Llama-3 8B and 70B): "
      "arithmetic model", "memory_per_gpu"),
+    ("Mixture of experts: Mixtral's expert stacks (target_parameters), float32", "moe_fp32"),
+    ("Mixture of experts, float32, block_mib=4", "moe_fp32_block4"),
+    ("Mixture of experts, bf16", "moe_bf16"),
 ]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -32,20 +35,20 @@ def render() -> str:
         path = ROOT / "docs" / "bench" / f"{stem}.md"
         if path.exists():
             plot = path.with_suffix(".png")
-            figure = f"\n![{title}](docs/bench/{plot.name})\n" if plot.exists() else ""
+            figure = f"\n![{title}](bench/{plot.name})\n" if plot.exists() else ""
             parts.append(f"### {title}\n\n{path.read_text().strip()}\n{figure}")
     return "\n".join(parts)
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    page = ROOT / "docs" / "performance.md"
+    text = page.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
+        raise SystemExit(f"docs/performance.md lacks the markers {START} ... {END}")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{render()}{END}{tail}")
-    print(f"README.md: benchmark tables updated from docs/bench/ ({len(SECTIONS)} sections)")
+    page.write_text(f"{head}{START}\n{render()}{END}{tail}")
+    print(f"docs/performance.md: benchmark tables updated from docs/bench/ ({len(SECTIONS)} sections)")
 
 
 if __name__ == "__main__":

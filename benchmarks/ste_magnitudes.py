@@ -87,13 +87,14 @@ def measure(cfg: RunConfig) -> dict:
 
 def markdown(payload: dict) -> str:
     a = payload["args"]
-    lines = [f"# Straight-through estimators at the magnitudes of training ({a['model']} / {a['task']}, r = {a['rank']}, "
-             f"{a['max_steps']} steps, bf16, warm-up {a['warmup_steps']} steps)", "",
+    lines = [f"# Straight-through estimators at the magnitudes of training ({a['model']} / {a['task']}, "
+             f"r = {a['rank']}, {a['max_steps']} steps, bf16, warm-up {a['warmup_steps']} steps)", "",
              "Over every step and adapted layer: the largest gradient reaching Sign |g| and the largest |Q| = |D C|, "
              "and the largest per-step fraction of elements where each estimator acts (`clip`: |g| > 1; `clip` under "
              "fp16 at GradScaler's initial scale 2^16: |g| > 2^-16; `hardtanh`: |Q| > 1). Where a fraction is 0, "
              "that estimator computes exactly what `identity` computes.", "",
-             "| lr | max abs g | max abs Q | clip acts on | clip under fp16 acts on | hardtanh acts on | test accuracy |",
+             "| lr | max abs g | max abs Q | clip acts on | clip under fp16 acts on | hardtanh acts on "
+             "| test accuracy |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for run in payload["runs"]:
         s = run["summary"]

@@ -10,7 +10,8 @@ measured in the same run, with the performance targets checked.
 Writes ``docs/bench/train_step_<model>_<precision>.json``, ``.md`` and ``.png`` (``--replot`` redraws the last two
 from the JSON). Time is the median of ``--steps`` steps after
 one warm-up step; with ``--quantize`` every method trains on the same bitsandbytes-quantized base (NF4 with double
-quantization, or LLM.int8()), prepared as QLoRA prepares it, and the file names end in ``_4bit`` / ``_8bit``; memory is the peak resident set size during the measured steps (``torch.cuda.max_memory_allocated``
+quantization, or LLM.int8()), prepared as QLoRA prepares it, and the file names end in ``_4bit`` / ``_8bit``; memory
+is the peak resident set size during the measured steps (``torch.cuda.max_memory_allocated``
 on a GPU). Timings on a shared CPU vary by about 15 % between runs: compare ratios from one run.
 """
 
@@ -27,8 +28,8 @@ import time
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench"
-METHODS = ("lora", "lora-2r", "loraplus", "dora", "hira", "dual", "dual-eager", "dual-bf16-grad", "dual-autograd", "d2",
-           "full")
+METHODS = ("lora", "lora-2r", "loraplus", "dora", "hira", "dual", "dual-eager", "dual-bf16-grad", "dual-autograd",
+           "d2", "full")
 # methods that are another method run with an environment setting: dual-eager is dual without torch.compile, so
 # that the compiled kernels' share of time and memory (the compiler's runtime included) can be read off
 ENVIRONMENT = {"dual-eager": {"DUALLORA_COMPILE": "0"}}
@@ -166,9 +167,11 @@ def markdown(payload: dict) -> str:
     lora = results.get("lora", payload["results"][0])
     base = {None: "", "4bit": " on its NF4 4-bit base (QLoRA's: lora is QLoRA, dora QDoRA)",
             "8bit": " on its LLM.int8() 8-bit base"}[a.get("quantize")]
-    lines = [f"{a['model']}{base}, all linear layers, r={a['r']}, batch {a['batch']}x{a['seq']}, {a['precision']}, AdamW; "
-             f"median of {a['steps']} steps after a warm-up step; one process per method; {payload['device']}.", "",
-             "| method | trainable | step time | vs LoRA | peak memory | vs LoRA |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"{a['model']}{base}, all linear layers, r={a['r']}, batch {a['batch']}x{a['seq']}, {a['precision']}, "
+             f"AdamW; median of {a['steps']} steps after a warm-up step; one process per method; "
+             f"{payload['device']}.", "",
+             "| method | trainable | step time | vs LoRA | peak memory | vs LoRA |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in payload["results"]:
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_seconds']:.3f} s | "
                      f"{r['step_seconds'] / lora['step_seconds']:.2f}x | {r['peak_mib']:.0f} MiB | "

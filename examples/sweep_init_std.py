@@ -1,7 +1,7 @@
 """Measure Dual LoRA's Gaussian init std (and the LoRA baseline) on the quickstart task; pick the default.
 
-Writes ``docs/init_std_sweep.json``, ``docs/init_std_sweep.md`` (the table in the README) and a loss-curve plot
-``docs/init_std_sweep.png``.
+Writes ``docs/init_std_sweep.json``, ``docs/init_std_sweep.md`` (the table docs/methods/dual_lora.md links) and a
+loss-curve plot ``docs/init_std_sweep.png``.
 Usage: ``python examples/sweep_init_std.py [steps]``; ``--table`` rebuilds the table from the JSON only.
 """
 
@@ -24,7 +24,8 @@ def label(result: dict) -> str:
     if result["method"] != "dual":
         return "LoRA (Kaiming A, zero B)"
     std = result["method_options"].get("init_std")
-    return {None: "**0.25 / sqrt(in) (default): 0.0128 at in=384, 0.0064 at in=1536**", "fan_in": "1 / sqrt(fan-in) per factor"}.get(std, str(std))
+    return {None: "**0.25 / sqrt(in) (default): 0.0128 at in=384, 0.0064 at in=1536**",
+            "fan_in": "1 / sqrt(fan-in) per factor"}.get(std, str(std))
 
 
 def table(results: list[dict]) -> str:

@@ -221,8 +221,8 @@ def tiny_bigbench(tmp_path_factory):
         "social-iqa": [{"input": "the actor was very good . what is the actor ? ",
                         "target_scores": {"good": int(i % 3 == 0), ("bad" if i % 2 else "not good"): int(i % 3 == 1),
                                           "awful": int(i % 3 == 2)}} for i in range(60)],
-        "strategyqa": [{"input": f"is the {rng.choice(WORDS)} good ?", "target_scores": {"Yes": i % 2, "No": 1 - i % 2},
-                        "target": "yes ."} for i in range(60)],
+        "strategyqa": [{"input": f"is the {rng.choice(WORDS)} good ?",
+                        "target_scores": {"Yes": i % 2, "No": 1 - i % 2}, "target": "yes ."} for i in range(60)],
         "e2e-nlg": [{"input": f"name: {rng.choice(WORDS)} , area: city centre",
                      "target": f"a {rng.choice(WORDS)} coffee shop in the city centre ."} for _ in range(80)],
     }

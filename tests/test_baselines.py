@@ -23,7 +23,8 @@ def test_loraplus_steps_b_at_ratio_times_the_learning_rate(method, ratio):
     gradient is far above eps. B starts at zero, so only B has a gradient at the first step."""
     lr = 1e-3
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    opt = optimizer(model, method, lr, loraplus_lr_ratio=ratio) if method == "loraplus" else optimizer(model, method, lr)
+    opt = (optimizer(model, method, lr, loraplus_lr_ratio=ratio) if method == "loraplus"
+           else optimizer(model, method, lr))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()

@@ -28,9 +28,11 @@ def test_one_layer_and_inference_harnesses_run(tmp_path):
     for script, args, produced in (
         ("one_layer.py", ["--shapes", "64x48", "--tokens", "32", "--repeats", "1"], "one_layer.json"),
         ("inference.py", ["--model", "tiny", "--batch", "2", "--seq", "16", "--repeats", "1"], "inference_tiny.json"),
-        ("mixed_batch.py", ["--model", "tiny", "--batch", "4", "--seq", "8", "--repeats", "1"], "mixed_batch_tiny.json"),
+        ("mixed_batch.py", ["--model", "tiny", "--batch", "4", "--seq", "8", "--repeats", "1"],
+         "mixed_batch_tiny.json"),
     ):
-        result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--output-dir", str(tmp_path)],
+        result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args,
+                                 "--output-dir", str(tmp_path)],
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         payload = json.loads((tmp_path / produced).read_text())
@@ -112,7 +114,7 @@ def test_gpu_check_dry_run_writes_the_record(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                             timeout=1200, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "duallora 0.1.0 with peft" in result.stdout and (tmp_path / "gpu_check.log").exists()
+    assert "duallora 0.2.0 with peft" in result.stdout and (tmp_path / "gpu_check.log").exists()
     payload = json.loads((tmp_path / "gpu_check.json").read_text())
     assert payload["dry_run"] and payload["environment"]["torch"] and not payload["skipped"]
     checks = payload["checks"]

@@ -31,12 +31,16 @@ def trained_run(tiny_checkpoints, tiny_csv, tmp_path_factory):
 
 
 def test_train_writes_adapter_metrics_and_plot(trained_run, tiny_checkpoints):
-    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "run_config.json", "training.png"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "run_config.json",
+                 "training.png"):
         assert (trained_run / name).exists(), name
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["steps"] == 12 and len(metrics["losses"]) == 12
     assert [e["step"] for e in metrics["evaluations"]] == [6, 12]
     assert metrics["trainable_params"] > 0 and metrics["peak_memory_mib"] > 0
+    # wall and process CPU time of the optimisation (CPU time grows less with other work on the machine), and the
+    # machine's load as training ended
+    assert metrics["train_seconds"] > 0 and metrics["train_cpu_seconds"] > 0 and len(metrics["load_average"]) == 3
     assert metrics["environment"]["peft"] and metrics["config"]["method"] == "dual"
     assert 0 <= metrics["test"]["accuracy"] <= 1
     from transformers import AutoModelForSequenceClassification
@@ -157,7 +161,8 @@ def test_config_file_with_command_line_winning(tiny_checkpoints, tiny_csv, tmp_p
 
 def test_bad_input_names_the_problem(tiny_checkpoints, tiny_csv, trained_run, tmp_path, capsys):
     cases = [
-        (["train", "--method", "qlora"], "Unknown method 'qlora'; valid: ['dual', 'd2', 'lora', 'loraplus', 'dora', 'hira', 'full']"),
+        (["train", "--method", "qlora"], "Unknown method 'qlora'; valid: "
+                                         "['dual', 'd2', 'lora', 'loraplus', 'dora', 'hira', 'full']"),
         (["train", "--model", "gpt5", "--output-dir", str(tmp_path / "a")], "Unknown model 'gpt5': not one of "
                                                                             "['minilm', 'smollm2']"),
         (["train", "--task", "sst2", "--model", str(tiny_checkpoints["bert"]), "--output-dir", str(tmp_path / "b")],
@@ -167,7 +172,8 @@ def test_bad_input_names_the_problem(tiny_checkpoints, tiny_csv, trained_run, tm
         (["train", "--ste", "round", *run_args(tiny_checkpoints, tiny_csv, tmp_path / "c")],
          "`ste` must be one of ['clip', 'identity', 'hardtanh']; got 'round'"),
         (["train", "--model", str(tiny_checkpoints["bert"]), "--task", str(tiny_csv), "--text-column", "sentence",
-          "--label-column", "label", "--output-dir", str(tmp_path / "d")], "its columns are ['text', 'other', 'label']"),
+          "--label-column", "label", "--output-dir", str(tmp_path / "d")],
+         "its columns are ['text', 'other', 'label']"),
         (["train", *run_args(tiny_checkpoints, tiny_csv, trained_run)], "holds an earlier run"),
         (["compare", "--methods", "dual,vera"], "Unknown method(s) ['vera']"),
     ]

@@ -151,7 +151,8 @@ def test_duallora_train_under_deepspeed_trains_checkpoints_resumes_and_saves_as_
     assert got["trainable_params"] == expected["trainable_params"] and got["steps"] == 6
     assert_same_losses(got["losses"], expected["losses"])
     assert got["test"] == pytest.approx(expected["test"])
-    assert [e["accuracy"] for e in got["evaluations"]] == pytest.approx([e["accuracy"] for e in expected["evaluations"]])
+    assert ([e["accuracy"] for e in got["evaluations"]]
+            == pytest.approx([e["accuracy"] for e in expected["evaluations"]]))
     assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-0000006"]
     assert not [p.name for p in two.iterdir() if p.name.startswith(".")]  # no temporary directory left
 

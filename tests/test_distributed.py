@@ -36,7 +36,8 @@ def torchrun(*args, processes: int = 2) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_torchrun_two_processes_give_the_adapter_of_one_process_on_twice_the_batch(bert_without_dropout, tiny_csv,
                                                                                    tmp_path):
-    two = torchrun("-m", "duallora", "train", *run_flags(bert_without_dropout, tiny_csv, tmp_path / "two", batch_size=4))
+    two = torchrun("-m", "duallora", "train",
+                   *run_flags(bert_without_dropout, tiny_csv, tmp_path / "two", batch_size=4))
     assert main(["train", *run_flags(bert_without_dropout, tiny_csv, tmp_path / "one", batch_size=8)]) == 0
     assert max_difference(tmp_path / "one", tmp_path / "two") <= adamw_bound(5e-3, 6)
     one_metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
@@ -80,7 +81,8 @@ def test_processes_hold_identical_adapters_after_every_step(bert_without_dropout
     two_processes = torch.load(tmp_path / "g.pt")
     for got, expected in zip(two_processes[0], one_process[0]):
         if expected is not None:
-            torch.testing.assert_close(got, expected, rtol=0.0, atol=FLOAT32_REORDER_RTOL * expected.abs().max().item())
+            torch.testing.assert_close(got, expected, rtol=0.0,
+                                       atol=FLOAT32_REORDER_RTOL * expected.abs().max().item())
     assert max_difference(tmp_path / "d2", tmp_path / "d2-one") <= adamw_bound(5e-3, 6)
     assert_same_losses(json.loads((tmp_path / "d2" / "metrics.json").read_text())["losses"], metrics["losses"])
 

@@ -65,7 +65,8 @@ def test_truncated_error_is_the_tail_of_the_singular_values(method):
         assert abs(row["relative_error"] - tail) <= FLOAT32_REORDER_RTOL / max(tail, 1e-2) + FLOAT32_REORDER_RTOL
         assert 0 < row["relative_error"] < 1
     norms = [r["norm_dW"] for r in errors]
-    expected_total = math.sqrt(sum((r["relative_error"] * n) ** 2 for r, n in zip(errors, norms)) / sum(n * n for n in norms))
+    expected_total = math.sqrt(sum((r["relative_error"] * n) ** 2 for r, n in zip(errors, norms))
+                               / sum(n * n for n in norms))
     assert total_error(errors) == pytest.approx(expected_total)
 
 
@@ -142,7 +143,8 @@ def test_export_command_writes_adapters_report_and_scores(tiny_checkpoints, tiny
     assert "| K | error, all layers |" in (out / "export.md").read_text()
     # the written adapter loads in a process without duallora imported (its registration on `import peft` off)
     code = ("import sys, peft, transformers; m = transformers.AutoModelForSequenceClassification.from_pretrained("
-            f"{str(tiny_checkpoints['bert'])!r}, num_labels=2); peft.PeftModel.from_pretrained(m, {str(out / 'lora-r2')!r}); "
+            f"{str(tiny_checkpoints['bert'])!r}, num_labels=2); "
+            f"peft.PeftModel.from_pretrained(m, {str(out / 'lora-r2')!r}); "
             "assert 'duallora' not in sys.modules; print('LOADED')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "DUALLORA_NO_AUTOLOAD": "1"})

@@ -391,7 +391,8 @@ def test_row_blocks_are_right_for_a_transposed_base_weight_and_a_column_norm():
     g = torch.Generator().manual_seed(12)
     w0 = (torch.randn(48, 32, generator=g, dtype=torch.float64) * 0.1).t()
     x = torch.randn(2, 5, 48, generator=g, dtype=torch.float64)
-    A, B, C, D = (torch.randn(*s, generator=g, dtype=torch.float64) * 0.3 for s in ((3, 48), (32, 3), (3, 48), (32, 3)))
+    A, B, C, D = (torch.randn(*s, generator=g, dtype=torch.float64) * 0.3
+                  for s in ((3, 48), (32, 3), (3, 48), (32, 3)))
     coef = torch.tensor(0.6, dtype=torch.float64)
     small = KernelOptions(block_mib=5 * 48 * 8 / 2**20)  # 5 rows per block
     y = dual_linear(x, w0, None, A, B, C, D, coef, True, "relu", "sign", "clip", small)

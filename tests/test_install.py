@@ -21,7 +21,8 @@ def base():
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).eval()
 
 ids = torch.randint(0, 64, (2, 9))
-for config in (DualLoraConfig(r=4, target_modules="all-linear", warmup_steps=1), D2LoraConfig(r=4, target_modules="all-linear")):
+for config in (DualLoraConfig(r=4, target_modules="all-linear", warmup_steps=1),
+               D2LoraConfig(r=4, target_modules="all-linear")):
     model = get_peft_model(base(), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()

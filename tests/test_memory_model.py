@@ -195,7 +195,8 @@ def test_a_4bit_base_counts_nf4_codes_their_two_level_scales_and_the_upcast_rema
     linear = 32 * (2 * 4096**2 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
     assert linear == 6_979_321_856 and mem.model_params(s) - linear == 1_050_939_392
     assert mem.quantized_weights_bytes(s) == linear * (0.5 + 1 / 64 + 4 / 16384) + 1_050_939_392 * 4
-    assert mem.quantized_weights_bytes(s, unquantized_bytes=2) == linear * (0.5 + 1 / 64 + 4 / 16384) + 1_050_939_392 * 2
+    assert (mem.quantized_weights_bytes(s, unquantized_bytes=2)
+            == linear * (0.5 + 1 / 64 + 4 / 16384) + 1_050_939_392 * 2)
     assert mem.dequantized_transient_bytes(s, "qlora", 16 * 2**20) == 2 * 14336 * 4096
     assert mem.dequantized_transient_bytes(s, "qdual", 16 * 2**20) == 0
     qlora, qdual = mem.quantized_row(s, "qlora"), mem.quantized_row(s, "qdual")

@@ -119,11 +119,3 @@ def test_bad_adapter_names_get_loras_errors_and_change_nothing(method):
         assert_float32_close(model(inputs).logits, before)
     # no hook is left behind: a plain call takes no adapter_names
     assert not any(m._forward_pre_hooks for m in model.modules() if isinstance(m, AdaptedLayer))
-
-
-def test_the_serving_page_snippet_runs_as_pasted():
-    from pathlib import Path
-
-    page = (Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text()
-    snippet = page.split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(snippet, "docs/serving.md", "exec"), {})

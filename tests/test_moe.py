@@ -509,15 +509,6 @@ def test_the_run_config_takes_target_parameters_for_the_methods_that_adapt_param
             RunConfig(method=method, target_parameters="gate_up_proj").validate()
 
 
-def test_the_docs_page_snippet_runs(tmp_path, monkeypatch):
-    from pathlib import Path
-
-    page = (Path(__file__).resolve().parent.parent / "docs" / "moe.md").read_text()
-    snippet = page.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.chdir(tmp_path)
-    exec(compile(snippet, "docs/moe.md", "exec"), {})
-    assert (tmp_path / "moe-adapter" / "adapter_model.safetensors").exists()
-
 
 @pytest.mark.parametrize("kind", ["gpt_oss", "qwen3_moe"])
 def test_the_lora_export_of_expert_stacks_loads_in_peft_with_the_same_outputs(kind, tmp_path):

@@ -209,7 +209,8 @@ def test_rank_and_alpha_patterns_apply_per_layer():
 def test_layers_to_transform_and_exclude_modules():
     config = D2LoraConfig(r=2, target_modules=["q_proj", "k_proj"], layers_to_transform=[1], layers_pattern="layers")
     model = get_peft_model(tiny_llama(), config)
-    assert sorted(model.targeted_module_names) == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj"]
+    assert sorted(model.targeted_module_names) == ["model.layers.1.self_attn.k_proj",
+                                                   "model.layers.1.self_attn.q_proj"]
     model = get_peft_model(tiny_llama(), DualLoraConfig(r=2, target_modules="all-linear", exclude_modules=["k_proj"]))
     assert not any("k_proj" in n for n in model.targeted_module_names) and len(model.targeted_module_names) == 12
 

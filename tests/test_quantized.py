@@ -411,7 +411,8 @@ def test_unquantized_bitsandbytes_layers_and_old_bitsandbytes_get_errors_that_sa
     monkeypatch.setattr(bnb, "__version__", "0.44.1")
     base_weight._bitsandbytes_version.cache_clear()
     try:
-        with pytest.raises(ImportError, match=r"bitsandbytes 0\.44\.1 is too old .*>= 0\.45\.0.*duallora\[quantized\]"):
+        with pytest.raises(ImportError,
+                           match=r"bitsandbytes 0\.44\.1 is too old .*>= 0\.45\.0.*duallora\[quantized\]"):
             get_peft_model(quantized_base(checkpoints[64], "nf4-double"), METHODS["dual"](target_modules=["q_proj"]))
     finally:
         monkeypatch.undo()

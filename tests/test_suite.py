@@ -322,7 +322,8 @@ def test_results_made_with_other_options_are_refused(finished_comparison, no_chi
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"methods": ["lora", "qlora"]}, "qlora: Unknown method 'qlora'; valid: ['dual', 'd2', 'lora', 'loraplus', 'dora', 'hira', 'full']"),
+    ({"methods": ["lora", "qlora"]}, "qlora: Unknown method 'qlora'; valid: "
+                                     "['dual', 'd2', 'lora', 'loraplus', 'dora', 'hira', 'full']"),
     ({"methods": ["full-2r"]}, "Unknown method 'full-2r'"),
     ({"lr_grid": []}, "lr_grid is empty or not a list; list at least one learning rate"),
     ({"lr_grid": [0.01, "fast"]}, "lr_grid must hold numbers"),
@@ -394,7 +395,8 @@ def test_claims_are_computed_from_the_numbers(tiny_checkpoints, tiny_csv, tmp_pa
     assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     # dual 62.0 ± 2.0 and lora 52.0 ± 2.0 over 3 seeds: +10.0 with a standard error of sqrt(2 * 4 / 3) = 1.6
-    assert "| dual | 8 | 10 | 0.01 | **62.0 ± 2.0** | 3 |" in text and "| lora | 8 | 10 | 0.01 | 52.0 ± 2.0 | 3 |" in text
+    assert ("| dual | 8 | 10 | 0.01 | **62.0 ± 2.0** | 3 |" in text
+            and "| lora | 8 | 10 | 0.01 | 52.0 ± 2.0 | 3 |" in text)
     claim = next(line for line in text.splitlines() if "+1.6 points over LoRA | dual - lora" in line)
     assert "| +10.0 ± 1.6 |" in claim
     assert "agrees in direction: a gain beyond 2 standard errors; the paper's figure is outside" in claim

@@ -30,7 +30,7 @@ from .dual.warmup import set_warmup_step, warmup_steps_taken  # noqa: E402
 register("dual_lora", DualLoraConfig, DualLoraModel)
 register("d2_lora", D2LoraConfig, D2LoraModel)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "D2LoraConfig",

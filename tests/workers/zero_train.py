@@ -1,6 +1,6 @@
 """Run under `accelerate launch` with a DeepSpeed config (examples/accelerate/zero2.yaml or zero3.yaml): Dual LoRA
-or D2-LoRA (argv[2]) on a tiny LLaMA trained by DeepSpeed ZeRO (2 processes, gloo, fp32, gradient accumulation 2), then the
-same model trained in one process without DeepSpeed on both processes' micro-batches. Writes both
+or D2-LoRA (argv[2]) on a tiny LLaMA trained by DeepSpeed ZeRO (2 processes, gloo, fp32, gradient accumulation 2), then
+the same model trained in one process without DeepSpeed on both processes' micro-batches. Writes both
 runs' losses per optimizer step, the factors' largest difference between them, how many factors moved, whether
 the processes hold the same factors, the warm-up clock and DeepSpeed's step count, to the JSON file of argv[1].
 
@@ -133,7 +133,8 @@ def merge_save_and_load(method: str, accelerator: Accelerator, engine, trained: 
     for name, base in (("plain", tiny_llama()), ("zero_init", LlamaForCausalLM.from_pretrained(checkpoint))):
         loaded = PeftModel.from_pretrained(base, saved)
         got = factors_of(loaded)
-        out[f"loaded_{name}_exact"] = got.keys() == trained.keys() and all(torch.equal(got[k], trained[k]) for k in got)
+        out[f"loaded_{name}_exact"] = (got.keys() == trained.keys()
+                                       and all(torch.equal(got[k], trained[k]) for k in got))
         out[f"loaded_{name}_clock"] = duallora.warmup_steps_taken(loaded) if method == "dual" else None
     return out
 

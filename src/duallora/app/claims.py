@@ -27,7 +27,7 @@ class Claim:
     other: str  # a method, or "best baseline" (of SAME_BUDGET_BASELINES)
     expect: str  # "gain": ours above other; "match": no difference; "absolute": a number we cannot compare
     paper_gain: Optional[tuple[float, float]] = None  # the paper's difference in points (a range: low, high);
-    # None where the spec (METHODS.md) quotes the direction of a claim but not its size
+    # None where a paper quotes the direction of a claim but not its size (docs/RESULTS.md lists every claim)
 
 
 ACCURACY_KINDS = ("classification", "multiple_choice")

@@ -2,8 +2,8 @@
 
 With no arguments it runs the embedded default: Dual LoRA against LoRA at the same parameter count on MiniLM +
 ``sentiment`` (see ``DEFAULT_COMPARE``); ``duallora quick`` the same comparison in about two minutes on data that
-is installed (``QUICK_COMPARE``). Both first say what they will do. Options may come from a YAML/JSON file (``--config``); flags on the
-command line win over the file.
+is installed (``QUICK_COMPARE``). Both first say what they will do. Options may come from a YAML/JSON file
+(``--config``); flags on the command line win over the file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .experiments import DEFAULT_RUNS_DIR
 from .suite import RunFailed
 from .run_config import METHODS, RunConfig, flag
 
-# The embedded default compare: 12-15 minutes on 2 cores (see the README for what it measured).
+# The embedded default compare: 12-15 minutes on 2 cores (docs/cli.md says what it measured).
 DEFAULT_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0,1", "--model", "minilm", "--task", "sentiment",
                    "--output-dir", "runs/default-compare", "--max-steps", "400", "--batch-size", "16",
                    "--max-length", "64", "--eval-every", "200", "--max-eval-examples", "1000"]
@@ -248,7 +248,8 @@ def cmd_suite(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duallora", description="Fine-tune with Dual LoRA, D2-LoRA, LoRA, DoRA "
-                                     "or fully; with no arguments, compare Dual LoRA with LoRA on the embedded default.")
+                                     "or fully; with no arguments, compare Dual LoRA with LoRA on the embedded "
+                                     "default.")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("train", help="fine-tune one method and evaluate it")
@@ -302,9 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="list what would run, with estimated times")
     mode.add_argument("--list", action="store_true", help="list the experiments and how many runs are finished")
-    mode.add_argument("--report", action="store_true", help="build DOCS_DIR/RESULTS.md and its figures from the "
-                                                            "results files only (runs nothing), and the summary in the "
-                                                            "README beside ROOT between its results markers")
+    mode.add_argument("--report", action="store_true",
+                      help="build DOCS_DIR/RESULTS.md and its figures from the results files only (runs nothing), "
+                           "and the summary in the README beside ROOT between its results markers")
     p.add_argument("--root", default="experiments", help="folder of the experiments (default: experiments)")
     p.add_argument("--runs-dir", default=str(DEFAULT_RUNS_DIR),
                    help=f"where runs write adapters and checkpoints (default: {DEFAULT_RUNS_DIR})")

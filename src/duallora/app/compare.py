@@ -36,6 +36,7 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], progress: boo
                 "trainable_params": g.first("trainable_params"), "n": len(g.results),
                 "mean": mean_std(g.scores(metric))[0], "std": mean_std(g.scores(metric))[1] or 0.0,
                 "train_seconds": sum(r["train_seconds"] for r in g.results) / len(g.results),
+                "train_cpu_seconds": sum(r.get("train_cpu_seconds", 0.0) for r in g.results) / len(g.results),
                 "peak_memory_mib": max(r["peak_memory_mib"] for r in g.results)} for g in results.groups if g.results]
     payload = {"methods": methods, "seeds": seeds, "rule": matching_rule(experiment),
                "budget": {k: v for k, v in asdict(base).items() if k not in ("method", "seed", "output_dir")},

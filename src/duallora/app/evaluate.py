@@ -120,7 +120,8 @@ def generation_scores(hypotheses: list[str], examples: list[Example]) -> dict:
 
     n_refs = max(len(e.references) for e in examples)
     # sacrebleu takes one stream per reference index; a shorter list repeats its first reference
-    streams = [[e.references[k] if k < len(e.references) else e.references[0] for e in examples] for k in range(n_refs)]
+    streams = [[e.references[k] if k < len(e.references) else e.references[0] for e in examples]
+               for k in range(n_refs)]
     bleu = sacrebleu.corpus_bleu(hypotheses, streams).score
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge_l = sum(max(scorer.score(ref, hyp)["rougeL"].fmeasure for ref in e.references)

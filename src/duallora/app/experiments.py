@@ -151,8 +151,9 @@ def _learning_rates(values, where: str) -> tuple[float, ...]:
 
 
 def _seeds(values, where: str) -> tuple[int, ...]:
-    if (not isinstance(values, list) or not values or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                                   for s in values) or len(set(values)) != len(values)):
+    if (not isinstance(values, list) or not values
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in values)
+            or len(set(values)) != len(values)):
         raise ValueError(f"{where}: seeds must be a non-empty list of distinct integers, e.g. seeds: [0, 1, 2]; "
                          f"got {values!r}.")
     return tuple(values)
@@ -285,7 +286,8 @@ def plan(experiment: Experiment, finished: dict[str, dict]) -> list[Run]:
         return [Run(experiment, m, None, s) for m in experiment.methods for s in experiment.seeds]
     first, later = experiment.seeds[0], experiment.seeds[1:]
     grid = [Run(experiment, m, lr, first) for m in experiment.methods for lr in experiment.lr_grid]
-    return grid + [Run(experiment, m, chosen_lr(experiment, m, finished), s) for m in experiment.methods for s in later]
+    return grid + [Run(experiment, m, chosen_lr(experiment, m, finished), s)
+                   for m in experiment.methods for s in later]
 
 
 def finished_runs(experiment: Experiment) -> dict[str, dict]:

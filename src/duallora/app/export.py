@@ -46,7 +46,10 @@ def export_run(run_dir: str | Path, ranks: list[int], output: str | Path, evalua
     for rank in ranks:
         path = out / f"lora-r{rank}"
         errors = save_as_lora(path, model, rank, progressbar=True)
-        entry = {"rank": rank, "path": str(path), "total_error": total_error(errors),
+        written = max(e["rank"] for e in errors)  # the adapter's r: below K where K exceeds every layer's rank
+        if written < rank:
+            print(f"rank {rank} exceeds every layer's full rank: written at r={written} (exact)")
+        entry = {"rank": rank, "r_written": written, "path": str(path), "total_error": total_error(errors),
                  "mean_error": statistics.mean(e["relative_error"] for e in errors),
                  "max_error": max(e["relative_error"] for e in errors), "layers": errors}
         if examples:

@@ -118,7 +118,9 @@ def load_model(path: Path, kind: str, num_labels: int | None, tokenizer, quantiz
             return model
         config = AutoConfig.from_pretrained(path)
         if getattr(config, "is_decoder", False) is False and config.model_type in ("bert", "roberta", "deberta-v2"):
-            raise ValueError(f"{kind} tasks need a causal language model (e.g. --model smollm2); {path} is an encoder.")
+            raise ValueError(f"{kind} tasks need a causal language model (e.g. --model smollm2); "
+                             f"{path} is an encoder.")
         return AutoModelForCausalLM.from_pretrained(path, **extra)
     except OSError as err:
-        raise ValueError(f"Could not load model {str(path)!r}: {err}. Pass {list(MODEL_NAMES)} or a local directory.") from err
+        raise ValueError(f"Could not load model {str(path)!r}: {err}. "
+                         f"Pass {list(MODEL_NAMES)} or a local directory.") from err

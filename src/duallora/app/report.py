@@ -52,7 +52,9 @@ def _cost_cells(group: Group) -> list[str]:
         return ["", ""]
     seconds = statistics.mean(r["train_seconds"] for r in group.results)
     memory = max(r["peak_memory_mib"] for r in group.results)
-    return [f"{seconds:.0f} s", f"{memory:.0f} MiB"]
+    cpu = [r["train_cpu_seconds"] for r in group.results if "train_cpu_seconds" in r]
+    cpu_cell = f" ({statistics.mean(cpu):.0f} s)" if len(cpu) == len(group.results) else ""  # runs before 0.2: wall
+    return [f"{seconds:.0f} s{cpu_cell}", f"{memory:.0f} MiB"]
 
 
 def matching_rule(experiment: Experiment) -> str:
@@ -94,7 +96,7 @@ def group_table(results: ExperimentResults) -> str:
     lr_column = "lr (chosen)" if exp.lr_grid else "lr"
     first_col = (["method", "r", "trainable params", lr_column] if exp.kind == "comparison"
                  else ["variant", "overrides", "trainable params"])
-    header = first_col + [f"test {_name(m)}" for m in metrics] + ["n", "train time", "peak memory"]
+    header = first_col + [f"test {_name(m)}" for m in metrics] + ["n", "train time: wall (CPU)", "peak memory"]
     rows = []
     for g in results.groups:
         if exp.kind == "comparison":

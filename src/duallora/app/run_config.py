@@ -92,13 +92,15 @@ class RunConfig:
             raise ValueError(f"--target-parameters adapts parameters such as MoE expert stacks, which --method "
                              f"{self.method} cannot (peft's DoRA and HiRA adapt Linear layers only): choose one of "
                              f"{', '.join(PARAMETER_METHODS)}, or drop --target-parameters.")
-        checks = [("--rank", self.r, self.r >= 1, ">= 1"), ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+        checks = [("--rank", self.r, self.r >= 1, ">= 1"),
+                  ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
                   ("--grad-accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
                   ("--max-length", self.max_length, self.max_length >= 8, ">= 8"),
                   ("--epochs", self.epochs, self.epochs > 0, "> 0"),
                   ("--lr-warmup-ratio", self.lr_warmup_ratio, 0 <= self.lr_warmup_ratio < 1, "in [0, 1)"),
                   ("--dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")]
-        for flag, value in (("--lr", self.lr), ("--alpha", self.alpha), ("--loraplus-lr-ratio", self.loraplus_lr_ratio)):
+        for flag, value in (("--lr", self.lr), ("--alpha", self.alpha),
+                            ("--loraplus-lr-ratio", self.loraplus_lr_ratio)):
             if value is not None:
                 checks.append((flag, value, value > 0, "> 0"))
         for flag, value in (("--max-steps", self.max_steps), ("--eval-every", self.eval_every),

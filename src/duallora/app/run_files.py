@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ..core.atomic import atomic_dir, atomic_write_text
+from ..core.atomic import atomic_dir, atomic_write_text, follow_umask
 
 __all__ = ["atomic_dir", "atomic_write_text", "latest_checkpoint", "prepare_output_dir", "publish_weights"]
 
@@ -51,6 +51,7 @@ def publish_weights(model, out: Path, state_dict: Optional[dict] = None) -> None
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
     try:
         model.save_pretrained(staging, state_dict=state_dict)
+        follow_umask(staging)  # safetensors writes 0600; the run's files follow the umask, as its directory does
         for item in staging.iterdir():
             os.replace(item, out / item.name)
     finally:

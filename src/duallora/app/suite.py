@@ -45,7 +45,8 @@ def run_in_child(cfg: RunConfig, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     request = run_dir / "run_request.json"
     atomic_write_text(request, json.dumps(asdict(cfg), indent=2))
-    cmd = [sys.executable, "-m", "duallora", "train", "--config", str(request), "--resume" if resume else "--overwrite"]
+    cmd = [sys.executable, "-m", "duallora", "train", "--config", str(request),
+           "--resume" if resume else "--overwrite"]
     result = subprocess.run(cmd)
     if result.returncode != 0:
         raise RuntimeError(f"The run {run_dir.name} failed (exit code {result.returncode}); see its output above.")
@@ -164,7 +165,7 @@ class Cost:
 
 # Measured here (2 cores, bf16 autocast, batch 16, r 16; see experiments/README.md): (model, task, bf16) -> the
 # costs of a LoRA run. Other methods scale the training part by METHOD_COST (their step time over LoRA's, from
-# these measurements and the README's training-step benchmarks).
+# these measurements and the training-step benchmarks of docs/performance.md).
 MEASURED: dict[tuple[str, str, bool], Cost] = {
     ("minilm", "sentiment", True): Cost(startup=4, train_example=0.0131, eval_example=0.0116, eval_split=5746),
     ("minilm", "fact-verification", True): Cost(startup=4, train_example=0.0211, eval_example=0.016, eval_split=5466),

@@ -110,8 +110,9 @@ class TrainingSession:
         self.global_batch = cfg.batch_size * accelerator.num_processes
         self.batches_per_epoch = len(self.train_examples) // self.global_batch
         if self.batches_per_epoch == 0:
-            raise ValueError(f"The global batch ({cfg.batch_size} per process x {accelerator.num_processes} processes) "
-                             f"is larger than the {len(self.train_examples)} training examples: lower --batch-size.")
+            raise ValueError(f"The global batch ({cfg.batch_size} per process x {accelerator.num_processes} "
+                             f"processes) is larger than the {len(self.train_examples)} training examples: lower "
+                             "--batch-size.")
         steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         optimizer = make_optimizer(self.model, cfg.method, cfg.learning_rate, cfg.weight_decay, cfg.lr_ratio)
@@ -120,8 +121,10 @@ class TrainingSession:
         self.scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.lr_warmup_ratio * self.total_steps),
                                                          self.total_steps)
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        # wall and process CPU time, each of optimisation and of evaluation: on a shared machine the wall time
+        # grows with other work, the CPU time counts this run's own threads (the report shows both)
         self.state = {"step": 0, "micro_batch": 0, "losses": [], "evaluations": [], "train_seconds": 0.0,
-                      "eval_seconds": 0.0}
+                      "eval_seconds": 0.0, "train_cpu_seconds": 0.0, "eval_cpu_seconds": 0.0}
 
     @property
     def deepspeed(self) -> bool:
@@ -184,9 +187,10 @@ class TrainingSession:
                         self.cfg.max_length, accelerator=self.accelerator)
 
     def validate(self) -> dict:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         scores = self.evaluate(self.eval_examples)
         self.state["eval_seconds"] = self.state["eval_seconds"] + time.perf_counter() - started
+        self.state["eval_cpu_seconds"] = self.state.get("eval_cpu_seconds", 0.0) + time.process_time() - cpu_started
         self.state["evaluations"].append({"step": self.state["step"], "split": "validation", **scores})
         self.model.train()
         return scores
@@ -220,6 +224,9 @@ class TrainingSession:
         """Optimizer steps until the budget, with the evaluations and checkpoints the cadence asks for."""
         cfg, state = self.cfg, self.state
         start = time.perf_counter() - state["train_seconds"] - state["eval_seconds"]
+        state.setdefault("train_cpu_seconds", 0.0)  # checkpoints written before the CPU clock lack these
+        state.setdefault("eval_cpu_seconds", 0.0)
+        cpu_start = time.process_time() - state["train_cpu_seconds"] - state["eval_cpu_seconds"]
         running_loss = 0.0
         while state["step"] < self.total_steps:
             running_loss += self.micro_step() / cfg.grad_accum
@@ -232,6 +239,7 @@ class TrainingSession:
             bar.update(1)
             running_loss = 0.0
             state["train_seconds"] = time.perf_counter() - start - state["eval_seconds"]
+            state["train_cpu_seconds"] = time.process_time() - cpu_start - state["eval_cpu_seconds"]
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < self.total_steps:
                 scores = self.validate()
                 if self.accelerator.is_main_process:
@@ -241,6 +249,7 @@ class TrainingSession:
             if on_step is not None:
                 on_step(state["step"], self.model)
         state["train_seconds"] = time.perf_counter() - start - state["eval_seconds"]  # optimisation only
+        state["train_cpu_seconds"] = time.process_time() - cpu_start - state["eval_cpu_seconds"]
 
     def finish(self, trainable: int, total: int) -> dict:
         """Validation and test scores, the costs reduced over processes, and the final weights and metrics."""
@@ -248,13 +257,15 @@ class TrainingSession:
         validation = self.validate()
         test_examples = self.task.test[: cfg.max_eval_examples]
         test_scores = self.evaluate(test_examples)
-        train_seconds, peak_mib = reduce_across_processes(accelerator, [state["train_seconds"], peak_memory_mib()],
-                                                          "max")  # the slowest and the largest process
+        train_seconds, train_cpu_seconds, peak_mib = reduce_across_processes(
+            accelerator, [state["train_seconds"], state.get("train_cpu_seconds", 0.0), peak_memory_mib()],
+            "max")  # the slowest and the largest process
         metrics = {
             "method": cfg.method, "model": cfg.model, "task": self.task.name, "task_kind": self.task.kind,
             "primary_metric": PRIMARY_METRIC[self.task.kind], "test": test_scores, "validation": validation,
             "evaluations": state["evaluations"], "losses": state["losses"], "steps": state["step"],
-            "train_seconds": train_seconds, "peak_memory_mib": peak_mib,
+            "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "peak_memory_mib": peak_mib,
+            "load_average": list(os.getloadavg()),  # the machine's 1, 5 and 15 minute loads as training ended
             "processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.name,
             "zero_stage": (accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed else None),
             "global_batch_size": self.global_batch * cfg.grad_accum,

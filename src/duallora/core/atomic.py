@@ -11,11 +11,13 @@ from typing import Callable
 
 
 def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory under a temporary name, then rename it into place (never a half-written one)."""
+    """Write a directory under a temporary name, then rename it into place (never a half-written one), with the
+    permissions the umask gives (:func:`follow_umask`)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
     try:
         write(tmp)
+        follow_umask(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -30,6 +32,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path`` and everything under it the permissions a plain ``mkdir`` and ``open`` would: directories
+    ``0o777 & ~umask``, files ``0o666 & ~umask`` (executable bits kept). ``mkdtemp`` makes a private (0700) directory
+    and safetensors writes its files private (0600), so without this a teammate or a server running as another user
+    could not read an adapter, a checkpoint or an export that the umask shares."""
+    mask = _umask()
+    for item in [path, *path.rglob("*")]:
+        if item.is_symlink():
+            continue
+        if item.is_dir():
+            item.chmod(0o777 & ~mask)
+        else:
+            item.chmod((0o666 | (item.stat().st_mode & 0o111)) & ~mask)
 
 
 def _umask() -> int:

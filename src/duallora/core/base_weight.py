@@ -2,8 +2,8 @@
 (bitsandbytes' 4-bit ``Linear4bit`` and 8-bit ``Linear8bitLt``), always as ``(out, in)`` and, where the memory
 bound asks, one block of output rows at a time.
 
-In the memory-efficient forward and backward a quantized ``W0`` is never dequantized whole: bitsandbytes quantizes the flattened
-weight in blocks of ``blocksize`` elements (4-bit, each with its own absmax) or per row (8-bit, one scale per
+In the memory-efficient forward and backward a quantized ``W0`` is never dequantized whole: bitsandbytes quantizes the
+flattened weight in blocks of ``blocksize`` elements (4-bit, each with its own absmax) or per row (8-bit, one scale per
 row), so a block of output rows dequantizes on its own as long as it does not split a quantization block. Merges
 dequantize whole (in float32), as peft does for LoRA on these layers, and write back by quantizing again.
 
@@ -220,7 +220,8 @@ def unpack_cpu_tiles(packed: torch.Tensor, rows: int, in_features: int) -> torch
 
 
 class Bnb4bitWeight(QuantizedWeight):
-    """bitsandbytes' 4-bit ``W0`` (NF4 or FP4), ``W[i, j] = code[q[i, j]] * absmax[block of (i, j)]``, in either layout:
+    """bitsandbytes' 4-bit ``W0`` (NF4 or FP4), ``W[i, j] = code[q[i, j]] * absmax[block of (i, j)]``, in either
+    layout:
 
     - as quantized: two codes per byte in row-major order, one absmax per ``blocksize`` elements of the flattened
       weight (itself 8-bit quantized in blocks of its own with ``compress_statistics``);
@@ -376,14 +377,15 @@ def base_weight_of(layer: nn.Module) -> BaseWeight:
         check_bitsandbytes(layer)
         weight = layer.weight
         if name == "Linear8bitLt" and getattr(weight, "has_fp16_weights", False):
-            raise ValueError("A Linear8bitLt with has_fp16_weights=True trains its own fp16 weight and quantizes it on "
-                             "every call, so it has no frozen W0 to adapt: load the base with load_in_8bit=True and "
-                             "the default has_fp16_weights=False.")
+            raise ValueError("A Linear8bitLt with has_fp16_weights=True trains its own fp16 weight and quantizes it "
+                             "on every call, so it has no frozen W0 to adapt: load the base with load_in_8bit=True "
+                             "and the default has_fp16_weights=False.")
         quantized = (quant_state_of(layer) if name == "Linear4bit"
                      else Bnb8bitWeight(layer).scales())
         if quantized is None:
-            raise ValueError(f"The {type(layer).__name__} has not been quantized yet (bitsandbytes quantizes when the layer moves to "
-                             "its device): load the model with quantization_config, or call .to(device) first.")
+            raise ValueError(f"The {type(layer).__name__} has not been quantized yet (bitsandbytes quantizes when the "
+                             "layer moves to its device): load the model with quantization_config, or call "
+                             ".to(device) first.")
         return Bnb4bitWeight(layer) if name == "Linear4bit" else Bnb8bitWeight(layer)
     return BaseWeight(layer)
 

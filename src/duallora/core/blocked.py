@@ -1,5 +1,6 @@
 """The memory-efficient linear both methods share: ``y = x f(W0)^T + b`` whose autograd keeps only ``x`` and the
-small factors, with every ``out x in`` matrix built for a block of output rows at a time (METHODS.md, "Cost").
+small factors, with every ``out x in`` matrix built for a block of output rows at a time (docs/methods/shared.md,
+"Row blocks").
 
 Both methods' ``f`` is row-local (D2-LoRA's with ``norm_axis="out"``): row ``i`` of ``f(W0)`` and of its gradients
 depends only on row ``i`` of ``W0``, of the factors that carry the output dimension, and of the output gradient. So
@@ -63,7 +64,8 @@ def weight_blocks(w0: WeightRows, factor_dtype: torch.dtype, kernel: KernelOptio
     return row_blocks(out_features, min(out_features, max(multiple, per_block // multiple * multiple)))
 
 
-def blocked_weight(rows, blocks: list[slice], in_features: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def blocked_weight(rows, blocks: list[slice], in_features: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
     """The whole ``out x in`` matrix, filled block by block from ``rows(s)`` and cast to ``dtype`` as each block is
     made: beside the result only one block exists at a time."""
     weight = torch.empty(blocks[-1].stop, in_features, dtype=dtype, device=device)
@@ -86,7 +88,8 @@ def _matrix(t: torch.Tensor) -> torch.Tensor:
 
 
 def _blocked_linear(x2: torch.Tensor, weight_rows, bias: Optional[torch.Tensor], blocks: list[slice]) -> torch.Tensor:
-    """``x W^T + b`` where ``weight_rows(s)`` builds the rows ``s`` of ``W``: only one block of ``W`` exists at once."""
+    """``x W^T + b`` where ``weight_rows(s)`` builds the rows ``s`` of ``W``: only one block of ``W`` exists at
+    once."""
     if len(blocks) == 1:  # the common case: no output buffer to fill
         return F.linear(x2, weight_rows(blocks[0]), bias)
     y = x2.new_empty(x2.shape[0], blocks[-1].stop)

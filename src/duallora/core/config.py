@@ -66,8 +66,8 @@ class WeightAdapterConfig(PeftConfig):
     lora_dropout: float = field(
         default=0.0,
         metadata={
-            "help": "Dropout on the adapter path's input. 0 keeps the forward a single matmul with the adapted weight; "
-            "> 0 computes x W0^T + dropout(x) dW^T (two matmuls)."
+            "help": "Dropout on the adapter path's input. 0 keeps the forward a single matmul with the adapted "
+            "weight; > 0 computes x W0^T + dropout(x) dW^T (two matmuls)."
         },
     )
     fan_in_fan_out: bool = field(

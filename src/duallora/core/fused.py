@@ -2,7 +2,7 @@
 
 Building ``W = W0 + coef * m(P) * d(Q)`` and the two branch gradients takes a dozen elementwise passes over
 ``out x in`` matrices in eager PyTorch, each a round trip through memory; compiled, each becomes one loop that
-reads its inputs once (see the one-layer benchmark in the README). The functions
+reads its inputs once (see the one-layer benchmark in docs/performance.md). The functions
 compiled are the pure ones in ``dual/maths.py`` and ``d2/maths.py``, so eager and compiled compute the same maths.
 
 ``DUALLORA_COMPILE=0`` turns it off. Where compiling fails (no C++ compiler, an unsupported platform) the first

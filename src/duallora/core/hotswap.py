@@ -60,8 +60,8 @@ def _check_same_constants(live, incoming, where: str) -> None:
 
 def _check_same_entries(expected: dict, incoming: dict) -> None:
     missing, extra = sorted(expected.keys() - incoming.keys()), sorted(incoming.keys() - expected.keys())
-    shapes = [(key, tuple(expected[key].shape), tuple(incoming[key].shape)) for key in expected.keys() & incoming.keys()
-              if expected[key].shape != incoming[key].shape]
+    shapes = [(key, tuple(expected[key].shape), tuple(incoming[key].shape))
+              for key in expected.keys() & incoming.keys() if expected[key].shape != incoming[key].shape]
     if missing or extra or shapes:
         problems = []
         if missing:

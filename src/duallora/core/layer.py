@@ -193,7 +193,8 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
             return base_weight_of(self.base_layer)
         except AttributeError as err:
             # an AttributeError escaping a property is renamed by nn.Module.__getattr__ to "no attribute 'base'"
-            raise RuntimeError(f"Reading W0 of the base layer {type(self.base_layer).__name__} failed: {err!r}") from err
+            raise RuntimeError(f"Reading W0 of the base layer {type(self.base_layer).__name__} "
+                               f"failed: {err!r}") from err
 
     def base_weight(self) -> torch.Tensor:
         """``W0`` as ``(out, in)``: a view of a dense weight (no copy), a quantized one dequantized (float32)."""
@@ -313,7 +314,8 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         weight = self.base.parameter
         if isinstance(weight, DTensor):
             raise RuntimeError(
-                f"W0 of an adapted {self._base_description()} is still a sharded DTensor ({weight.placements}) when the adapter reads it. "
+                f"W0 of an adapted {self._base_description()} is still a sharded DTensor ({weight.placements}) "
+                "when the adapter reads it. "
                 "Either its nn.Linear is an FSDP2 unit of its own (fully_shard applied to the Linear, or a size-based "
                 "wrap policy): Dual LoRA and D2-LoRA read W0 in their own forward, not through the Linear's, so FSDP "
                 "never unshards it; apply fully_shard to the decoder layers and the model only (as peft's "
@@ -322,7 +324,8 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
             )
         if is_zero3_partition(weight):
             raise RuntimeError(
-                f"W0 of an adapted {self._base_description()} is a DeepSpeed ZeRO-3 partition that was not gathered when the adapter read "
+                f"W0 of an adapted {self._base_description()} is a DeepSpeed ZeRO-3 partition that was not "
+                "gathered when the adapter read "
                 "it. DeepSpeed gathers a parameter on access in an eager forward, but not while torch.compile traces "
                 "(or outside the engine's forward). Under ZeRO-3, run the model without torch.compile, or use "
                 "ZeRO-2 or FSDP2 with it."
@@ -332,7 +335,8 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         return f"{type(self.get_base_layer()).__name__} ({self.in_features} -> {self.out_features} features)"
 
     def partitioned_parameters(self) -> list[str]:
-        """This layer's parameters that are ZeRO-3 partitions now, by name (nothing can be merged into or from them)."""
+        """This layer's parameters that are ZeRO-3 partitions now, by name (nothing can be merged into or from
+        them)."""
         return [name for name, p in self.named_parameters() if is_zero3_partition(p)]
 
     def _adapter_linear(self, name, x, w0, bias, with_base: bool) -> torch.Tensor:

@@ -11,6 +11,7 @@ its ``K`` leading singular directions: this module says how much, layer by layer
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,8 +29,8 @@ def _adapted_layers(model) -> dict[str, AdaptedLayer]:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLayer)}
     if not layers:
         raise TypeError(f"{type(model).__name__} holds no Dual LoRA or D2-LoRA layer to export: pass the peft model "
-                        "returned by get_peft_model or PeftModel.from_pretrained with a DualLoraConfig or D2LoraConfig "
-                        "adapter.")
+                        "returned by get_peft_model or PeftModel.from_pretrained with a DualLoraConfig or "
+                        "D2LoraConfig adapter.")
     return layers
 
 
@@ -137,9 +138,15 @@ def convert_to_lora(model, rank: int, adapter_name: str = "default", progressbar
         state_dict[f"{PEFT_PREFIX}{key}.lora_A.weight"] = lora_a.to(dtype)
         state_dict[f"{PEFT_PREFIX}{key}.lora_B.weight"] = lora_b.to(dtype)
         ranks[target] = min(rank, *layer.base.shape[-2:])
-    capped = {key: k for key, k in ranks.items() if k != rank}
+    # r is the largest rank written (servers size their LoRA slots by it: vLLM's --max-lora-rank), never more
+    written = max(ranks.values())
+    if written < rank:
+        warnings.warn(f"rank={rank} exceeds every layer's full rank min(out, in): each layer is exported at its full "
+                      f"rank (exact), and the adapter's r is {written}, the largest of them.", UserWarning,
+                      stacklevel=3)
+    capped = {key: k for key, k in ranks.items() if k != written}
     fan_in_fan_out = any(isinstance(layer.get_base_layer(), Conv1D) for layer in layers.values())
-    lora_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(set(ranks) - parameters),
+    lora_config = LoraConfig(r=written, lora_alpha=written, target_modules=sorted(set(ranks) - parameters),
                              target_parameters=sorted(parameters) or None, rank_pattern=capped,
                              alpha_pattern=capped, lora_dropout=source.lora_dropout, fan_in_fan_out=fan_in_fan_out,
                              modules_to_save=source.modules_to_save, task_type=source.task_type,

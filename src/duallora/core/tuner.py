@@ -101,7 +101,9 @@ class AdaptedWeightTuner(BaseTuner):
         if not matched and (trial.target_modules or not trial.target_parameters):
             names = adaptable_module_names(model)
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-            hint = f" All of them were excluded by exclude_modules={config.exclude_modules}." if excluded else ""
+            # `excluded` also holds modules_to_save (a classifier head), which is no exclusion of the user's
+            hint = (f" All of them were excluded by exclude_modules={config.exclude_modules}."
+                    if excluded and config.exclude_modules else "")
             raise ValueError(
                 f"target_modules={config.target_modules!r} matched no module of this model.{hint} "
                 f"The Linear/Conv1D modules it has are named {leaves} ({len(names)} in all, e.g. "
@@ -217,8 +219,8 @@ class AdaptedWeightTuner(BaseTuner):
         if bad:
             raise ValueError(
                 f"safe_merge: merging would write NaN/Inf into {len(bad)} layer(s): {' | '.join(bad[:5])}"
-                f"{' | ...' if len(bad) > 5 else ''}; no weight was changed. The adapter is broken: check its training "
-                "(learning rate, loss scaling)."
+                f"{' | ...' if len(bad) > 5 else ''}; no weight was changed. The adapter is broken: check its "
+                "training (learning rate, loss scaling)."
             )
 
     def _check_whole_weights(self, action: str) -> None:
@@ -275,7 +277,8 @@ class AdaptedWeightTuner(BaseTuner):
                 continue
             if layer.merged:
                 layer.unmerge()  # the quantized W0 as it was, not its requantized merge
-            names = [n for n in (adapter_names or layer.active_adapters) if n in getattr(layer, layer.adapter_layer_names[0])]
+            held = getattr(layer, layer.adapter_layer_names[0])
+            names = [n for n in (adapter_names or layer.active_adapters) if n in held]
             weight = layer._merged_weight(names)[0] if names else layer.base.full()
             bias = layer.get_base_layer().bias
             dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device,
@@ -355,8 +358,9 @@ def check_adapter_file(model: nn.Module, adapter_dir: str, layer_cls: type[Adapt
             _check_factor_shape(path, modules, module_name, param_name, shape, layer_cls.factor_dims[param_name])
         elif bare in params and tuple(full_shape(params[bare])) != shape:
             raise ValueError(
-                f"The adapter {path} does not fit this base model: it holds {bare} with shape {shape}, but the model's "
-                f"{bare} has shape {tuple(full_shape(params[bare]))}. Load it onto the base model it was trained with."
+                f"The adapter {path} does not fit this base model: it holds {bare} with shape {shape}, but the "
+                f"model's {bare} has shape {tuple(full_shape(params[bare]))}. Load it onto the base model it was "
+                "trained with."
             )
 
 

@@ -1,4 +1,4 @@
-"""D2-LoRA's configuration: PEFT's usual fields plus the method's own (METHODS.md)."""
+"""D2-LoRA's configuration: PEFT's usual fields plus the method's own (docs/methods/d2_lora.md)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from .maths import NORM_AXES
 
 @dataclass
 class D2LoraConfig(WeightAdapterConfig):
-    """Configuration of a D2-LoRA adapter: PEFT's usual fields plus the method's own (METHODS.md)."""
+    """Configuration of a D2-LoRA adapter: PEFT's usual fields plus the method's own (docs/methods/d2_lora.md)."""
 
     tau: float = field(default=0.5, metadata={"help": "Fixed weight of the negative branch (>= 0; paper: 0.5)."})
     norm_axis: str = field(
         default="out",
-        metadata={"help": "'out': the norm of each output unit's weights (as PEFT's DoRA); 'in': of each input column."},
+        metadata={"help": "'out': the norm of each output unit's weights (as PEFT's DoRA); "
+                          "'in': of each input column."},
     )
     detach_norm: bool = field(
         default=False, metadata={"help": "Stop the gradient through n(W0 + dW) (DoRA's choice: less memory)."}

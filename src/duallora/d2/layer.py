@@ -85,8 +85,9 @@ class D2LoraLayer(AdaptedLayer):
 
     def fused_linear(self, adapter_name, x, w0, bias, with_base: bool) -> torch.Tensor:
         opts = self.d2_options[adapter_name]
-        return d2_linear(x, w0, bias, *self.compute_factors(adapter_name), self._input_norm(adapter_name, w0), opts.scaling,
-                         opts.tau, opts.norm_axis, opts.detach_norm, with_base, self.kernel_options[adapter_name])
+        return d2_linear(x, w0, bias, *self.compute_factors(adapter_name), self._input_norm(adapter_name, w0),
+                         opts.scaling, opts.tau, opts.norm_axis, opts.detach_norm, with_base,
+                         self.kernel_options[adapter_name])
 
     def efficient_weight(self, adapter_name: str, w0: torch.Tensor) -> torch.Tensor:
         opts = self.d2_options[adapter_name]

@@ -1,4 +1,5 @@
-"""Dual LoRA's configuration: PEFT's usual fields plus the method's own (METHODS.md), and its documented defaults."""
+"""Dual LoRA's configuration: PEFT's usual fields plus the method's own (docs/methods/dual_lora.md), and its
+documented defaults."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ DEFAULT_WARMUP_STEPS = 100
 
 @dataclass
 class DualLoraConfig(WeightAdapterConfig):
-    """Configuration of a Dual LoRA adapter: PEFT's usual fields plus the method's own (METHODS.md)."""
+    """Configuration of a Dual LoRA adapter: PEFT's usual fields plus the method's own (docs/methods/dual_lora.md)."""
 
     r1: Optional[int] = field(
         default=None, metadata={"help": "Rank of the magnitude factors (A, B). None: r // 2, or r - r2 if r2 is set."}
@@ -49,7 +50,8 @@ class DualLoraConfig(WeightAdapterConfig):
         default=None,
         metadata={
             "help": "Std of the Gaussian init of all four factors. None (default): 0.25 / sqrt(in_features) of each "
-            "layer, chosen by measurement (see the README); the warm-up holds dW at 0 while the factors start. "
+            "layer, chosen by measurement (docs/methods/dual_lora.md); the warm-up holds dW at 0 while the factors "
+            "start. "
             "'fan_in': each factor at 1/sqrt(its own fan-in) (1/sqrt(in) for A and C, 1/sqrt(r) for B and D)."
         },
     )
@@ -58,7 +60,8 @@ class DualLoraConfig(WeightAdapterConfig):
         super().__post_init__()
         self.peft_type = ensure_peft_type("dual_lora")
         self.r1, self.r2 = split_rank(self.r, self.r1, self.r2)
-        check_range("warmup_steps", self.warmup_steps, "an integer >= 0", isinstance(self.warmup_steps, int) and self.warmup_steps >= 0)
+        check_range("warmup_steps", self.warmup_steps, "an integer >= 0",
+                    isinstance(self.warmup_steps, int) and self.warmup_steps >= 0)
         check_choice("ste", self.ste, STE_VARIANTS)
         check_choice("magnitude_activation", self.magnitude_activation, MAGNITUDE_ACTIVATIONS)
         check_choice("direction_activation", self.direction_activation, DIRECTION_ACTIVATIONS)

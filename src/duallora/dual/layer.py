@@ -125,7 +125,8 @@ class DualLoraLayer(AdaptedLayer):
                                                   opts.direction_activation)
 
     def merge_weight(self, adapter_name: str, w_in: torch.Tensor, factors):
-        """``W0 + dW``, and the ``lam_t * s`` of this merge: unmerge subtracts the same ``dW`` after the clock moved."""
+        """``W0 + dW``, and the ``lam_t * s`` of this merge: unmerge subtracts the same ``dW`` after the clock
+        moved."""
         coef = self.warmup_coef(adapter_name)
         return w_in + self.delta(adapter_name, factors, coef), coef
 

@@ -7,7 +7,7 @@
 
 with ``m = ReLU`` and ``d = Sign`` (Sign(0) = -1) by default. Every function here is used by the layer (forward and
 merge) and by the tests, so there is one truth. :class:`DualRows` is the row rule of the shared memory-efficient
-linear (:mod:`duallora.core.blocked`): its backward (METHODS.md)::
+linear (:mod:`duallora.core.blocked`): its backward (docs/methods/dual_lora.md, "The gradients")::
 
     G  = g^T x
     Gm = coef * G * d(Q) * m'(P)          -> dB = Gm A^T,  dA = B^T Gm

@@ -65,7 +65,8 @@ def deterministic_split(examples: list[Example], validation_fraction=0.1, test_f
     keys = sorted(set(groups)) if groups is not None else list(range(len(examples)))
     random.Random(SPLIT_SEED).shuffle(keys)
     n_test, n_val = int(len(keys) * test_fraction), int(len(keys) * validation_fraction)
-    where = {k: ("test" if i < n_test else "validation" if i < n_test + n_val else "train") for i, k in enumerate(keys)}
+    where = {k: ("test" if i < n_test else "validation" if i < n_test + n_val else "train")
+             for i, k in enumerate(keys)}
     out = {"train": [], "validation": [], "test": []}
     for i, example in enumerate(examples):
         out[where[groups[i] if groups is not None else i]].append(example)
