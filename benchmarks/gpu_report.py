@@ -119,7 +119,8 @@ def markdown(payload: dict) -> str:
     lines += ["", "## Training step (bf16)", "",
               f"All seven linear types adapted, r = {RANK}; median of {payload['measured_steps']} steps after two "
               "warm-up steps; in the cases marked nf4 the decoder's linears are 4-bit NF4 (bitsandbytes), so lora is "
-              "QLoRA, dual QDual and d2 QD2; peak memory from CUDA's allocator" + (
+              "QLoRA, dora QDoRA, dual QDual and d2 QD2 (loraplus on the same 4-bit base; peft's HiRA fails on one); "
+              "peak memory from CUDA's allocator" + (
                   " (in this dry run the process's resident set, which memory freed by earlier methods inflates: "
                   "it exercises the code paths and measures nothing)." if payload["dry_run"] else "."), ""]
     by_case = defaultdict(list)

@@ -22,8 +22,11 @@ MODELS = {
     "llama-3-8b": (4096, 14336, 4, 32, 8, 128256),
     "toy": (64, 160, 2, 4, 2, 256),  # the dry run's
 }
-METHODS = ("full", "lora", "lora-2r", "dora", "hira", "dual", "dual-bf16-grad", "d2")
-QUANTIZED_METHODS = ("lora", "dual", "d2")  # on a 4-bit base: QLoRA, QDual, QD2
+METHODS = ("full", "lora", "lora-2r", "loraplus", "dora", "hira", "dual", "dual-bf16-grad", "d2")
+# on a 4-bit base: QLoRA, LoRA+, QDoRA, QDual, QD2. Full fine-tuning cannot train a frozen 4-bit base, and peft's
+# HiRA (0.21.2) fails on one: it multiplies the packed 4-bit weight by B A ("The size of tensor a (2048) must match
+# the size of tensor b (64)"), so it has no 4-bit row
+QUANTIZED_METHODS = ("lora", "loraplus", "dora", "dual", "d2")
 RANK = 16
 
 
@@ -49,7 +52,8 @@ def build(model_name: str, method: str, device: str, checkpointing: bool, quanti
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from variants import peft_config
+    from duallora.app.run_config import optimizer as make_optimizer
+    from variants import VARIANTS, peft_config
 
     hidden, mlp, layers, heads, kv, vocab = MODELS[model_name]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
@@ -69,7 +73,8 @@ def build(model_name: str, method: str, device: str, checkpointing: bool, quanti
             model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(params, lr=1e-5), sum(p.numel() for p in params)
+    # AdamW; LoRA+'s parameter groups (B at 16x the learning rate) for loraplus, as duallora train builds them
+    return model, make_optimizer(model, VARIANTS[method].method, lr=1e-5), sum(p.numel() for p in params)
 
 
 class Memory:

@@ -22,6 +22,10 @@ SECTIONS = [
     ("Growth with rank and sequence length, SmolLM2-135M", "growth_smollm2"),
     ("Memory per GPU at scale (LLaMA-2 7B and 70B), and on one GPU with a 4-bit base (Llama-3 8B and 70B): "
      "arithmetic model", "memory_per_gpu"),
+    ("D2-LoRA's n(W0) cache, SmolLM2-135M, float32", "train_step_smollm2_fp32_normcache"),
+    ("D2-LoRA's n(W0) cache, SmolLM2-135M on a 4-bit NF4 base", "train_step_smollm2_fp32_4bit_normcache"),
+    ("D2-LoRA's n(W0) cache, SmolLM2-135M on a 4-bit NF4 base, batch 4x64",
+     "train_step_smollm2_fp32_4bit_normcache_4x64"),
     ("Mixture of experts: Mixtral's expert stacks (target_parameters), float32", "moe_fp32"),
     ("Mixture of experts, float32, block_mib=4", "moe_fp32_block4"),
     ("Mixture of experts, bf16", "moe_bf16"),

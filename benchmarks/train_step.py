@@ -29,11 +29,12 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench"
 METHODS = ("lora", "lora-2r", "loraplus", "dora", "hira", "dual", "dual-eager", "dual-bf16-grad", "dual-autograd",
-           "d2", "full")
+           "d2", "d2-nocache", "full")
 # methods that are another method run with an environment setting: dual-eager is dual without torch.compile, so
-# that the compiled kernels' share of time and memory (the compiler's runtime included) can be read off
-ENVIRONMENT = {"dual-eager": {"DUALLORA_COMPILE": "0"}}
-QUANTIZED_METHODS = ("lora", "dora", "dual", "d2")  # QLoRA, QDoRA, QDual, QD2: each against QLoRA
+# that the compiled kernels' share of time and memory (the compiler's runtime included) can be read off;
+# d2-nocache is D2-LoRA computing n(W0) in every forward, as before its cache (a dequantization on a 4-bit base)
+ENVIRONMENT = {"dual-eager": {"DUALLORA_COMPILE": "0"}, "d2-nocache": {"DUALLORA_NORM_CACHE": "0"}}
+QUANTIZED_METHODS = ("lora", "dora", "dual", "d2", "d2-nocache")  # QLoRA, QDoRA, QDual, QD2: each against QLoRA
 TARGETS = [  # (method, metric, against, bound, description)
     ("dual", "peak_mib", "lora", 0.85, "Dual LoRA peak memory <= 0.85x LoRA"),
     ("dual", "step_seconds", "lora", 1.15, "Dual LoRA step time <= 1.15x LoRA"),
@@ -44,6 +45,7 @@ TARGETS = [  # (method, metric, against, bound, description)
     ("dual", "step_seconds", "hira", 1.0, "Dual LoRA time below HiRA"),
     ("d2", "peak_mib", "dora", 1.0, "D2-LoRA memory <= DoRA"),
     ("d2", "step_seconds", "dora", 1.0, "D2-LoRA time <= DoRA"),
+    ("d2", "step_seconds", "d2-nocache", 1.0, "D2-LoRA with its n(W0) cache no slower than without"),
 ]
 
 
@@ -234,6 +236,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--output-dir", default=str(DOCS))
+    parser.add_argument("--tag", help="appended to the output files' names (some methods, beside the full run)")
     parser.add_argument("--replot", action="store_true",
                         help="redraw the table and plot from the JSON of an earlier run of these options")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -241,7 +244,7 @@ def main() -> None:
     args.methods = args.methods or ",".join(QUANTIZED_METHODS if args.quantize else METHODS)
     if args.quantize and "full" in args.methods.split(","):
         parser.error("full fine-tuning cannot train a quantized base: drop it from --methods")
-    suffix = f"_{args.quantize}" if args.quantize else ""
+    suffix = (f"_{args.quantize}" if args.quantize else "") + (f"_{args.tag}" if args.tag else "")
     stem = Path(args.output_dir) / f"train_step_{args.model}_{args.precision}{suffix}"
     if args.replot:
         write_outputs(json.loads(stem.with_suffix(".json").read_text()), stem)

@@ -27,6 +27,7 @@ VARIANTS = {
     "dual-bf16-grad": Variant("dual", run_options={"weight_grad_dtype": "bfloat16"}),
     "dual-autograd": Variant("dual", config_options={"memory_efficient": False}),
     "d2": Variant("d2"),
+    "d2-nocache": Variant("d2"),  # run with DUALLORA_NORM_CACHE=0 (train_step.py's ENVIRONMENT)
 }
 
 

@@ -63,6 +63,11 @@ class WeightRows:
         it), dequantized to ``dtype`` when quantized (frozen)."""
         return self.full(dtype) if self.quantized else self.tensor
 
+    def cache_key(self) -> Optional[tuple]:
+        """What a value computed from ``W0`` (D2-LoRA's ``n(W0)``) may be cached under, or None where it must not be:
+        a plain tensor (a merge's intermediate), a sharded weight (FSDP refills its storage, ZeRO-3 gathers anew)."""
+        return None
+
 
 def as_rows(w0) -> WeightRows:
     """``w0`` as a :class:`WeightRows` (a tensor is wrapped, a reader passes through)."""
@@ -104,6 +109,17 @@ class BaseWeight(WeightRows):
         """What ``W0``'s values live in (the eval cache fingerprints it, the sharding check reads it)."""
         return [self.layer.weight]
 
+    def cache_key(self) -> Optional[tuple]:
+        """Each watched tensor's storage, offset, shape, strides, dtype, device and version counter, and the layout
+        of the reader (:meth:`layout_key`): a merge (``copy_``), ``load_state_dict``, an in-place edit under
+        ``no_grad``, a cast or a re-quantized weight each change it. A write through ``.data`` is the one change
+        PyTorch does not count (as for autograd): edit a weight under ``torch.no_grad()`` instead."""
+        return tensors_key(self.watched(), (type(self).__name__, *self.layout_key()))
+
+    def layout_key(self) -> tuple:
+        """What else decides how ``W0`` is read from the watched tensors (Conv1D's transpose)."""
+        return (isinstance(self.layer, Conv1D),)
+
     def snapshot(self) -> Optional[nn.Parameter]:
         """What a merge keeps so that unmerge can put ``W0`` back exactly: nothing for a dense weight (unmerge inverts
         the merge arithmetically, within float32 rounding)."""
@@ -113,8 +129,9 @@ class BaseWeight(WeightRows):
     def write(self, w: torch.Tensor) -> Optional[float]:
         """Make ``W0`` equal ``w`` (a merge); the largest rounding error relative to ``w``'s largest value (None:
         exact up to the weight's dtype)."""
-        # copy_ in place: the Parameter keeps its storage, so tied weights and optimizer references stay valid
-        self.layer.weight.data.copy_(w.t() if isinstance(self.layer, Conv1D) else w)
+        # copy_ in place: the Parameter keeps its storage, so tied weights and optimizer references stay valid; on the
+        # Parameter itself, not its .data, so that its version counter moves (cache_key sees the new W0)
+        self.layer.weight.copy_(w.t() if isinstance(self.layer, Conv1D) else w)
         return None
 
 
@@ -157,12 +174,15 @@ class ParameterWeight(WeightRows):
     def watched(self) -> list[torch.Tensor]:
         return [self.parameter]
 
+    def cache_key(self) -> Optional[tuple]:
+        return tensors_key(self.watched(), ("parameter", self.name, self.transposed))
+
     def snapshot(self) -> None:
         return None
 
     @torch.no_grad()
     def write(self, w: torch.Tensor) -> None:
-        self.parameter.data.copy_(self.to_stored(w))  # in place: optimizer references and tied views stay valid
+        self.parameter.copy_(self.to_stored(w))  # in place (references stay valid), counted by its version
         return None
 
 
@@ -198,6 +218,17 @@ def quant_state_of(layer: nn.Module):
     bitsandbytes keeps for that case (``fix_4bit_weight_quant_state_from_module``). None if the layer has neither."""
     state = getattr(layer.weight, "quant_state", None)
     return state if state is not None else getattr(layer, "quant_state", None)
+
+
+def tensors_key(tensors: list[torch.Tensor], extra: tuple) -> Optional[tuple]:
+    """A cache key of ``tensors`` by where and how their values live, and their version counters (no value is read);
+    None if one of them is sharded (its storage is refilled between uses, or is a placeholder)."""
+    from .watch import is_sharded
+
+    if any(is_sharded(t) for t in tensors):
+        return None
+    return (*extra, *((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                       t.dtype, t.device, t._version) for t in tensors))
 
 
 def is_cpu_packed(state) -> bool:
@@ -298,6 +329,13 @@ class Bnb4bitWeight(QuantizedWeight):
 
     def watched(self) -> list[torch.Tensor]:
         return [self.layer.weight, self.state.absmax]
+
+    def layout_key(self) -> tuple:
+        """The layout (bitsandbytes' CPU repacking changes it in place) and the quantization settings; a nested
+        absmax is a tensor of its own."""
+        state = self.state
+        nested = tensors_key([state.state2.absmax], ()) if state.nested else None
+        return (is_cpu_packed(state), state.blocksize, state.quant_type, tuple(state.shape), nested)
 
     @torch.no_grad()
     def write(self, w: torch.Tensor) -> Optional[float]:

@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
-from .base_weight import BaseWeight, base_weight_of, bitsandbytes_kind
+from .base_weight import BaseWeight, WeightRows, base_weight_of, bitsandbytes_kind
 from .blocked import KernelOptions, autocast_dtype, blocked_weight
 from .factor import Factor, rename_0_1_keys, run_inside
 from .watch import fingerprint, is_sharded, is_zero3_partition
@@ -126,9 +126,9 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         """``x f(W0)^T + b`` (or ``x (f(W0) - W0)^T``) through the memory-efficient autograd Function."""
         raise NotImplementedError
 
-    def efficient_weight(self, adapter_name: str, w0: torch.Tensor) -> torch.Tensor:
-        """``f(W0)`` itself in ``w0``'s dtype and layout (a matrix or a stack of expert matrices), through the
-        memory-efficient autograd Function that keeps only the factors."""
+    def efficient_weight(self, adapter_name: str, w0: WeightRows) -> torch.Tensor:
+        """``f(W0)`` itself, for ``w0`` read as ``(..., out, in)`` (a matrix or a stack of expert matrices), in its
+        tensor's dtype and layout, through the memory-efficient autograd Function that keeps only the factors."""
         raise NotImplementedError
 
     def weight_rows(self, adapter_name: str, w0: torch.Tensor, factors) -> tuple[list[slice], Any]:
@@ -145,6 +145,9 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
     def unmerge_weight(self, adapter_name: str, w_out: torch.Tensor, factors, constants: Any) -> torch.Tensor:
         """``W_in`` from ``W_out = f(W_in)``, with the float32 factors and constants of the merge."""
         raise NotImplementedError
+
+    def values_changed(self) -> None:
+        """Called when the eval cache's fingerprint finds a changed value: drop what a method caches by version."""
 
     def before_adapter_forward(self, active: list[str], x: torch.Tensor) -> None:
         """Called before a forward through the adapters (not when merged or disabled); a method's bookkeeping."""
@@ -385,6 +388,7 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
         key = (tuple(active), dtype, self.base.device, tuple(fingerprint(watched)))
         if self._eval_cache is None or self._eval_cache[0] != key:
             self._eval_cache = None  # free the old weight before building the new one
+            self.values_changed()  # the fingerprint saw a change, a write through .data included
             self._eval_cache = (key, self._adapted_weight_no_grad(active, dtype))
         return self._eval_cache[1]
 

@@ -135,7 +135,7 @@ class AdaptedParameter(AdaptedLayer):
     def _build_parameter(self, active: list[str]) -> torch.Tensor:
         base = self.base
         if len(active) == 1 and self.memory_efficient[active[0]]:
-            return base.to_stored(self.efficient_weight(active[0], base.tensor))
+            return base.to_stored(self.efficient_weight(active[0], base))
         # several adapters (or memory_efficient=False): whole float32 stacks under plain autograd, the reference
         with torch.autocast(base.device.type, enabled=False):
             weight = base.tensor

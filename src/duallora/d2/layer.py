@@ -13,7 +13,9 @@ Two rank-r branches hold 2x LoRA's parameters at r: compare it with LoRA at 2r.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -25,6 +27,14 @@ from ..core.layer import AdaptedLayer
 from .config import D2LoraConfig
 from .maths import (d2_concatenated_branches, d2_delta_weight, d2_efficient_weight, d2_linear, d2_unit_scale,
                     d2_unmerge, d2_weight, d2_weight_rows, frozen_unit_norm)
+
+
+NORM_CACHE_OFF = os.environ.get("DUALLORA_NORM_CACHE", "1") == "0"  # the benchmarks' d2-nocache variant
+
+
+@torch.compiler.disable  # python-side bookkeeping (storage pointers, version counters): out of compiled graphs
+def cache_key_of(w0) -> Optional[tuple]:
+    return w0.cache_key()
 
 
 @dataclass(frozen=True)
@@ -40,8 +50,13 @@ class D2Options:
 class D2LoraLayer(AdaptedLayer):
     """A Linear/Conv1D adapted with D2-LoRA.
 
-    ``n(W0)`` is recomputed from the frozen input weight in each call (one norm pass in row blocks, no gradient):
-    unlike a stored buffer it cannot go stale under a dtype cast or an earlier merged adapter.
+    ``n(W0)`` of the layer's own ``W0`` is cached, keyed by where and how ``W0``'s values live and their version
+    counters (:meth:`~duallora.core.base_weight.WeightRows.cache_key`: storage, offset, shape, strides, dtype,
+    device, ``_version``, the quantized layout) and ``norm_axis``, so a merge, an unmerge, a cast,
+    ``load_state_dict``, an in-place edit or a re-quantized weight computes it again (in eval mode, where the eval
+    cache fingerprints the values, so does a write through ``.data``); on a 4-bit base that saves a dequantization
+    pass per forward. Sharded weights (refilled between uses) are not cached, nor are the
+    intermediate weights a merge composes on. ``DUALLORA_NORM_CACHE=0`` turns the cache off.
     """
 
     prefix = "d2_lora_"
@@ -52,6 +67,7 @@ class D2LoraLayer(AdaptedLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: D2LoraConfig, **kwargs) -> None:
         self.d2_options: dict[str, D2Options] = {}
+        self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # norm_axis -> (W0's cache key, n(W0))
         super().__init__(base_layer, adapter_name, config, **kwargs)
 
     def create_adapter(self, adapter_name: str, config: D2LoraConfig, r: int, lora_alpha: float) -> None:
@@ -69,11 +85,23 @@ class D2LoraLayer(AdaptedLayer):
             factors[f"d2_lora_A_{branch}"] = torch.zeros(*stack, self.out_features, r)
         self.add_factors(adapter_name, factors)
 
+    def values_changed(self) -> None:
+        self._norm_cache.clear()  # the eval cache's fingerprint sees writes through .data, which versions miss
+
     def _input_norm(self, adapter_name: str, w_in) -> torch.Tensor:
-        """``n(W_in)`` in float32, read in row blocks of at most ``block_mib`` as float32."""
+        """``n(W_in)`` in float32, read in row blocks of at most ``block_mib`` as float32; cached for the layer's own
+        ``W0`` (see the class docstring)."""
         w_in = as_rows(w_in)  # W0 itself (dense or quantized) or the float32 weight a merge composes on
+        axis = self.d2_options[adapter_name].norm_axis
+        key = None if (NORM_CACHE_OFF or self._sharded) else cache_key_of(w_in)
+        cached = self._norm_cache.get(axis)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
         blocks = weight_blocks(w_in, torch.float32, self.kernel_options[adapter_name])
-        return frozen_unit_norm(w_in, self.d2_options[adapter_name].norm_axis, blocks)
+        norm = frozen_unit_norm(w_in, axis, blocks)
+        if key is not None:
+            self._norm_cache[axis] = (key, norm)
+        return norm
 
     def adapted_weight(self, adapter_name: str, w_in: torch.Tensor, factors=None) -> torch.Tensor:
         opts = self.d2_options[adapter_name]
@@ -89,9 +117,9 @@ class D2LoraLayer(AdaptedLayer):
                          opts.scaling, opts.tau, opts.norm_axis, opts.detach_norm, with_base,
                          self.kernel_options[adapter_name])
 
-    def efficient_weight(self, adapter_name: str, w0: torch.Tensor) -> torch.Tensor:
+    def efficient_weight(self, adapter_name: str, w0) -> torch.Tensor:
         opts = self.d2_options[adapter_name]
-        return d2_efficient_weight(w0, *self.compute_factors(adapter_name), self._input_norm(adapter_name, w0),
+        return d2_efficient_weight(w0.tensor, *self.compute_factors(adapter_name), self._input_norm(adapter_name, w0),
                                    opts.scaling, opts.tau, opts.norm_axis, opts.detach_norm,
                                    self.kernel_options[adapter_name])
 

@@ -112,9 +112,9 @@ class DualLoraLayer(AdaptedLayer):
                            opts.magnitude_activation, opts.direction_activation, opts.ste,
                            self.kernel_options[adapter_name])
 
-    def efficient_weight(self, adapter_name: str, w0: torch.Tensor) -> torch.Tensor:
+    def efficient_weight(self, adapter_name: str, w0) -> torch.Tensor:
         opts = self.dual_options[adapter_name]
-        return dual_efficient_weight(w0, *self.compute_factors(adapter_name), self.warmup_coef(adapter_name),
+        return dual_efficient_weight(w0.tensor, *self.compute_factors(adapter_name), self.warmup_coef(adapter_name),
                                      opts.magnitude_activation, opts.direction_activation, opts.ste,
                                      self.kernel_options[adapter_name])
 
