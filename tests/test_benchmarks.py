@@ -124,11 +124,12 @@ def test_gpu_check_dry_run_writes_the_record(tmp_path):
     kinds = {c["what"].split(":")[0] for c in checks}
     assert kinds == {"compiled vs eager", "memory-efficient vs plain autograd", "merged vs unmerged output"}
     methods = {r["method"] for r in payload["step_results"]}
-    assert methods == {"full", "lora", "lora-2r", "dora", "hira", "dual", "dual-bf16-grad", "d2"}
+    assert methods == {"full", "lora", "lora-2r", "loraplus", "dora", "hira", "dual", "dual-bf16-grad", "d2"}
     assert all(r["step_seconds"] > 0 and r["peak_mib"] > 0 for r in payload["step_results"])
     assert {r["checkpointing"] for r in payload["step_results"]} == {False, True}
-    quantized = [r for r in payload["step_results"] if r["quantized"]]  # QLoRA, QDual, QD2 on an NF4 base
-    assert {r["method"] for r in quantized} == {"lora", "dual", "d2"} and {r["case"] for r in quantized} == {
+    quantized = [r for r in payload["step_results"] if r["quantized"]]  # every adapter method but HiRA, on NF4
+    assert {r["method"] for r in quantized} == {"lora", "loraplus", "dora", "dual", "d2"} and {
+        r["case"] for r in quantized} == {
         "toy nf4 1x64 ckpt"}
     targets = {t["target"] for t in payload["targets"]}
     assert {"dual step time <= 1.3x lora", "dual peak memory <= 1x lora", "d2 step time <= 1x hira",
