@@ -26,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench"
@@ -91,7 +90,7 @@ def measure(method: str, args) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_step import PeakRss
+    from train_step import timed_steps
 
     model = build(args, method)
     cuda = torch.cuda.is_available()
@@ -108,17 +107,7 @@ def measure(method: str, args) -> dict:
 
     step()  # warm-up: the compiler, the allocator, the optimizer state
     kept = kept_for_backward(model, ids)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    with PeakRss() as rss:
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss.peak / 2**20
+    times, peak = timed_steps(step, args.steps, cuda)
     stacks = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p.dim() == 3) / 2**20
     return {"method": method, "step_seconds": statistics.median(times), "all_step_seconds": times, "peak_mib": peak,
             "kept_mib": kept / 2**20, "expert_stacks_mib": stacks,

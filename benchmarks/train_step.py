@@ -76,6 +76,24 @@ class PeakRss:
         self._thread.join()
 
 
+def timed_steps(step, steps: int, cuda: bool) -> tuple[list[float], float]:
+    """Seconds of each of ``steps`` calls of ``step`` and the peak memory in MiB over them (CUDA's allocator on a GPU,
+    the resident set on the CPU); call it after a warm-up step."""
+    import torch
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    with PeakRss() as rss:
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return times, (torch.cuda.max_memory_allocated() / 2**20 if cuda else rss.peak / 2**20)
+
+
 def load_model(name: str, quantize: str | None = None):
     """(model, task_type) for a benchmark model; ``quantize`` loads it 4-bit or 8-bit, prepared for k-bit training."""
     import tempfile
@@ -139,17 +157,7 @@ def measure(method: str, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up: allocator, optimizer state
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    with PeakRss() as rss:
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss.peak / 2**20
+    times, peak = timed_steps(step, args.steps, cuda)
     return {"method": method, "step_seconds": statistics.median(times), "all_step_seconds": times,
             "peak_mib": peak, "trainable_params": sum(p.numel() for p in params)}
 
