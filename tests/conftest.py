@@ -230,7 +230,7 @@ def tiny_bigbench(tmp_path_factory):
     with tarfile.open(path, "w:gz") as tar:
         for name, examples in tasks.items():
             data = json.dumps({"name": name, "examples": examples}).encode()
-            info = tarfile.TarInfo(MEMBER_ROOT + BIGBENCH_TASKS[name] + "/task.json")
+            info = tarfile.TarInfo("bigbench-1.0.0/" + MEMBER_ROOT + BIGBENCH_TASKS[name] + "/task.json")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path

@@ -1,6 +1,7 @@
 """The command line end to end on tiny local checkpoints and generated data, in temporary directories."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -165,8 +166,10 @@ def test_bad_input_names_the_problem(tiny_checkpoints, tiny_csv, trained_run, tm
                                          "['dual', 'd2', 'lora', 'loraplus', 'dora', 'hira', 'full']"),
         (["train", "--model", "gpt5", "--output-dir", str(tmp_path / "a")], "Unknown model 'gpt5': not one of "
                                                                             "['minilm', 'smollm2']"),
-        (["train", "--task", "sst2", "--model", str(tiny_checkpoints["bert"]), "--output-dir", str(tmp_path / "b")],
-         "Valid names: ['e2e-nlg', 'fact-verification', 'news-topics', 'sentiment', 'social-iqa', 'strategyqa']"),
+        (["train", "--task", "sst-2", "--model", str(tiny_checkpoints["bert"]), "--output-dir", str(tmp_path / "b")],
+         "Valid names: ['arc-challenge', 'arc-easy', 'boolq', 'commonsense', 'e2e-nlg', 'fact-verification', "
+         "'hellaswag', 'mrpc', 'news-topics', 'openbookqa', 'piqa', 'quartz', 'rated-sentiment', 'rte', 'sarcasm', "
+         "'sentiment', 'siqa', 'social-iqa', 'sst2', 'strategyqa', 'winogrande']"),
         (["train", "--lr", "-1"], "--lr must be > 0; got -1.0"),
         (["train", "--batch-size", "0"], "--batch-size must be >= 1; got 0"),
         (["train", "--ste", "round", *run_args(tiny_checkpoints, tiny_csv, tmp_path / "c")],
@@ -187,6 +190,10 @@ def test_python_m_duallora_help():
     result = subprocess.run([sys.executable, "-m", "duallora", "train", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "--warmup-steps" in result.stdout and "--resume" in result.stdout
+    from duallora.app.tasks import task_names
+
+    listed = re.sub(r"-\s+", "-", " ".join(result.stdout.split()))  # argparse wraps the help, at hyphens too
+    assert all(name in listed for name in task_names()) and "commonsense" in listed
 
 
 def test_bf16_gradient_checkpointing_and_accumulation(tiny_checkpoints, tiny_csv, tmp_path, capsys):
@@ -392,8 +399,9 @@ def test_argument_free_runs_say_first_what_they_will_do(monkeypatch, tmp_path):
 
     monkeypatch.setenv("DUALLORA_CACHE", str(tmp_path))  # nothing cached yet: the download is announced
     default, quick = announcement("default"), announcement("quick")
-    assert "all-MiniLM-L6-v2" in default and "multiemo sentiment" in default and "358 MB" in default
-    assert "12-15 minutes" in default and "duallora quick" in default and "runs/default-compare/" in default
+    assert "all-MiniLM-L6-v2" in default and "rated-sentiment: 23,703 sentences" in default
+    assert "data from vaderSentiment==3.3.2 on the package index (MIT;" in default and "once (2.5 MB)" in default
+    assert "about 13 minutes" in default and "duallora quick" in default and "runs/default-compare/" in default
     assert "BBC News" in quick and "nothing to download" in quick and "about 2 minutes" in quick
     assert "duallora compare --methods dual,lora --seeds 0 --model minilm --task news-topics" in quick
 

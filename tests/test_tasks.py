@@ -1,12 +1,15 @@
-"""Task loaders on small local files: BIG-bench layout, CSV/JSON/JSONL, deterministic splits."""
+"""Task loaders on small local files: BIG-bench layout, CSV/JSON/JSONL, deterministic splits, mixes of tasks. The
+readers of the real sources are checked on the real files in tests/test_real_sources.py."""
 
 import json
 
 import pytest
 from conftest import sentiment_rows
 
-from duallora.app.tasks import deterministic_split, load_task, Example
+from duallora.app.evaluate import accuracy_scores
+from duallora.app.tasks import Example, Task, deterministic_split, interleave, load_task, majority_baseline
 from duallora.app.tasks.bigbench import BIGBENCH_TASKS
+from duallora.app.tasks.sources import SourceUnavailable
 
 
 def test_every_bigbench_task_loads_from_the_archive_layout(bigbench_env):
@@ -16,7 +19,7 @@ def test_every_bigbench_task_loads_from_the_archive_layout(bigbench_env):
         task = load_task(name)
         assert task.kind == kinds[name]
         assert task.train and task.validation and task.test
-    assert sorted(p.name for p in (bigbench_env / "bigbench").rglob("task.json")) == ["task.json"] * 5
+    assert sorted(p.name for p in (bigbench_env / "sources").rglob("task.json")) == ["task.json"] * 5
     fact = load_task("fact-verification")
     assert fact.train[0].text_pair.startswith("Film:") and fact.train[0].text.startswith("the movie was")
     assert load_task("sentiment").label_names == ["negative", "positive", "neutral", "ambivalent"]
@@ -73,9 +76,9 @@ def test_missing_columns_list_the_columns_the_file_has(tiny_csv):
 
 
 def test_unknown_task_lists_the_valid_names():
-    with pytest.raises(ValueError, match=r"Unknown task 'sst2'. Valid names: \['e2e-nlg', 'fact-verification', "
-                                         r"'news-topics', 'sentiment', 'social-iqa', 'strategyqa'\]"):
-        load_task("sst2")
+    with pytest.raises(ValueError, match=r"Unknown task 'sst-2'. Valid names: \['arc-challenge', 'arc-easy', "
+                                         r"'boolq', 'commonsense', 'e2e-nlg', .*'sst2', 'strategyqa', 'winogrande'\]"):
+        load_task("sst-2")
 
 
 def test_multiple_choice_with_varying_choices_refuses_an_encoder(bigbench_env):
@@ -99,7 +102,7 @@ def test_archive_download_from_a_package_index_checks_sha256(tiny_bigbench, tmp_
     monkeypatch.setenv("DUALLORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DUALLORA_BIGBENCH_ARCHIVE", raising=False)
     if tamper:
-        with pytest.raises(RuntimeError, match="does not match the index's sha256"):
+        with pytest.raises(SourceUnavailable, match="bigbench-1.0.0.tar.gz does not match its sha256"):
             load_task("strategyqa")
         assert not list((tmp_path / "cache").rglob("task.json"))
     else:
@@ -117,3 +120,18 @@ def test_news_topics_reads_the_installed_bbc_corpus_without_a_download(monkeypat
     assert counts == [510, 386, 417, 511, 401]
     again = load_task("news-topics")
     assert [e.text for e in again.test] == [e.text for e in task.test] and not any(tmp_path.iterdir())
+
+
+def test_a_mix_is_scored_per_task_and_averaged_with_every_task_counted_once():
+    small = [Example("a", choices=["x", "y"], label=0, group="small") for _ in range(4)]
+    large = [Example("b", choices=["x", "y"], label=1, group="large") for _ in range(12)]
+    examples = interleave([small, large])
+    assert [e.group for e in examples[:8]] == ["small", "large"] * 4  # any prefix holds both tasks
+    assert len(examples) == 16 and examples[8:] == large[4:]
+    correct = [e.group == "small" for e in examples]  # all of "small" right, all of "large" wrong
+    scores = accuracy_scores(correct, examples)
+    assert scores == {"accuracy": 0.5, "accuracy/small": 1.0, "accuracy/large": 0.0}  # micro would give 0.25
+    assert accuracy_scores([True, False, True], [Example("c", label=0)] * 3) == {"accuracy": 2 / 3}
+    task = Task("mix", "multiple_choice", [], [], examples)
+    large[0].label = 0  # "large": 11 of 12 at position 1; "small": 4 of 4 at position 0
+    assert majority_baseline(task, examples) == pytest.approx((1 + 11 / 12) / 2)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, collate, encode_for_training, encode_prompt_and_answer, prompt
-from .tasks import Example, Task
+from .tasks import Example, Task, by_group
 
 PRIMARY_METRIC = {"classification": "accuracy", "multiple_choice": "accuracy", "generation": "bleu"}
 
@@ -33,7 +33,17 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], max_length: 
     outcomes = _gather(outcomes, accelerator)[:len(examples)]
     if task.kind == "generation":
         return generation_scores(outcomes, examples)
-    return {"accuracy": sum(outcomes) / max(1, len(examples))}
+    return accuracy_scores(outcomes, examples)
+
+
+def accuracy_scores(correct: list[bool], examples: list[Example]) -> dict[str, float]:
+    """Accuracy; for a mix of tasks (examples with a ``group``), each task's as ``accuracy/<task>`` and their
+    unweighted mean as ``accuracy`` (the papers' "Avg." column: every task counts once, whatever its size)."""
+    groups = by_group(examples)
+    if list(groups) in ([], [None]):
+        return {"accuracy": sum(correct) / max(1, len(examples))}
+    per_task = {group: sum(correct[i] for i in indices) / len(indices) for group, indices in groups.items()}
+    return {"accuracy": sum(per_task.values()) / len(per_task), **{f"accuracy/{g}": v for g, v in per_task.items()}}
 
 
 def _processes(accelerator) -> int:

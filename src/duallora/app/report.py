@@ -33,6 +33,7 @@ from .results import (
     test_examples,
 )
 from .run_files import atomic_write_text
+from .tasks import registry
 
 TEMPLATE_NAME = "report_template.md"
 
@@ -359,6 +360,22 @@ def rank_section(res: ExperimentResults, figures: Path) -> str:
                                    f"![{exp.name} rank analysis](results/{exp.name}-rank.png)"] if p)
 
 
+def data_note(all_results: list[ExperimentResults]) -> str:
+    """The data each experiment was measured on, where its source can no longer be fetched (BIG-bench's archive is
+    gone from the package index): those rows keep their label, and the sentence says how to rerun them."""
+    from .catalog import fetchable
+
+    tasks = registry()
+    gone: dict[str, list[str]] = {}
+    for res in all_results:
+        info = tasks.get(res.experiment.base.get("task"))
+        if info is not None and info.source is not None and not fetchable(info):
+            gone.setdefault(info.source.requirement, []).append(res.experiment.name)
+    return "".join(f" Measured on data from `{requirement}` ({', '.join(names)}), which the package index no longer "
+                   "serves: the rows keep that label, and rerun with a copy of its archive (docs/data.md)."
+                   for requirement, names in gone.items())
+
+
 def sections(all_results: list[ExperimentResults], figures: Path) -> dict[str, str]:
     """The generated text of every template placeholder."""
     comparisons = sorted((r for r in all_results if r.experiment.kind == "comparison"),
@@ -369,7 +386,7 @@ def sections(all_results: list[ExperimentResults], figures: Path) -> dict[str, s
     planned = sum(len(plan(r.experiment, r.finished)) for r in all_results)
     return {
         "status": f"{done} of {planned} runs finished in {len(all_results)} experiments "
-                  f"({', '.join(r.experiment.name for r in all_results)}).",
+                  f"({', '.join(r.experiment.name for r in all_results)})." + data_note(all_results),
         "budget": budget_table(all_results),
         "headline": headline_table(comparisons) if comparisons else NOT_RUN,
         "claims": claims_table(comparisons),

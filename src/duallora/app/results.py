@@ -12,7 +12,7 @@ from typing import Optional
 
 from .evaluate import PRIMARY_METRIC
 from .experiments import Experiment, Run, chosen_lr, finished_runs, plan
-from .tasks.bigbench import BIGBENCH_KINDS
+from .tasks import registry
 
 
 NOT_RUN = "not run yet"
@@ -86,7 +86,8 @@ class ExperimentResults:
         """The task's kind from a finished run, else from the built-in task's name (None for a task file)."""
         if self.any_result:
             return self.any_result["task_kind"]
-        return BIGBENCH_KINDS.get(self.experiment.base.get("task"))
+        info = registry().get(self.experiment.base.get("task"))
+        return info.kind if info else None
 
     @property
     def metric(self) -> Optional[str]:

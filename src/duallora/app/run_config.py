@@ -36,7 +36,7 @@ class RunConfig:
 
     method: str = "dual"
     model: str = "minilm"
-    task: str = "sentiment"
+    task: str = "rated-sentiment"
     output_dir: str = "runs/dual"
     r: int = 8
     alpha: Optional[float] = None  # None: 2 * r

@@ -31,6 +31,7 @@ from .experiments import (
 from .process import bf16_warning
 from .run_config import RunConfig
 from .run_files import atomic_write_text
+from .tasks import load_task
 
 LOSS_CURVE_POINTS = 100
 
@@ -135,9 +136,19 @@ def run_experiment(experiment: Experiment, runs_dir: Path, progress: bool = True
         todo = [run for run in plan(experiment, finished) if run.ready and run.name not in finished]
         if not todo:
             return made
+        if made == 0:
+            check_task_data(experiment)
         for run in todo:
             execute(run, runs_dir, progress)
         made += len(todo)
+
+
+def check_task_data(experiment: Experiment) -> None:
+    """Read the experiment's task once before its first run starts: a missing source stops here, in one line and
+    before any process starts (and a first download happens once, not in every run's process)."""
+    base = experiment.base
+    load_task(base.get("task", RunConfig.task), text_column=base.get("text_column"),
+              label_column=base.get("label_column"), text_pair_column=base.get("text_pair_column"))
 
 
 def run_suite(root: Path, runs_dir: Path, names: Optional[list[str]] = None, progress: bool = True) -> int:

