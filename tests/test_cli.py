@@ -401,7 +401,7 @@ def test_argument_free_runs_say_first_what_they_will_do(monkeypatch, tmp_path):
     default, quick = announcement("default"), announcement("quick")
     assert "all-MiniLM-L6-v2" in default and "rated-sentiment: 23,703 sentences" in default
     assert "data from vaderSentiment==3.3.2 on the package index (MIT;" in default and "once (2.5 MB)" in default
-    assert "about 13 minutes" in default and "duallora quick" in default and "runs/default-compare/" in default
+    assert "about 12 minutes" in default and "duallora quick" in default and "runs/default-compare/" in default
     assert "BBC News" in quick and "nothing to download" in quick and "about 2 minutes" in quick
     assert "duallora compare --methods dual,lora --seeds 0 --model minilm --task news-topics" in quick
 

@@ -20,17 +20,18 @@ from .experiments import DEFAULT_RUNS_DIR
 from .suite import RunFailed
 from .run_config import METHODS, RunConfig, flag
 
-# The embedded default compare: about 13 minutes on 2 cores (docs/cli.md says what it measured).
+# The embedded default compare: about 12 minutes on 2 cores (docs/cli.md says what it measured); 300 steps, scored
+# once at the end (400 steps with a mid-run evaluation took 16 minutes)
 DEFAULT_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0,1", "--model", "minilm",
-                   "--task", "rated-sentiment", "--output-dir", "runs/default-compare", "--max-steps", "400",
-                   "--batch-size", "16", "--max-length", "64", "--eval-every", "200", "--max-eval-examples", "1000"]
+                   "--task", "rated-sentiment", "--output-dir", "runs/default-compare", "--max-steps", "300",
+                   "--batch-size", "16", "--max-length", "64", "--max-eval-examples", "1000"]
 # `duallora quick`: one seed, 50 steps, BBC News topics from an installed package (no download); about 2 minutes
 QUICK_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0", "--model", "minilm", "--task", "news-topics",
                  "--output-dir", "runs/quick-compare", "--max-steps", "50", "--batch-size", "16",
                  "--max-length", "64", "--eval-every", "50", "--lr", "2e-3",
                  "--warmup-steps", "10"]  # Dual LoRA's dW warm-up (default 100 steps) within the 50
 PLANS = {  # what the two argument-free runs do, said before they start (the times measured on 2 CPU cores)
-    "default": ("the embedded default", DEFAULT_COMPARE, "about 13 minutes",
+    "default": ("the embedded default", DEFAULT_COMPARE, "about 12 minutes",
                 "all-MiniLM-L6-v2 (22.7 M parameters, an installed package) on rated-sentiment: 23,703 sentences "
                 "(tweets, movie and product reviews, editorials) each rated by 20 people, as negative / neutral / "
                 "positive", "rated-sentiment"),
@@ -273,7 +274,7 @@ def cmd_data(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duallora", description="Fine-tune with Dual LoRA, D2-LoRA, LoRA, DoRA "
                                      "or fully; with no arguments, compare Dual LoRA with LoRA on the embedded "
-                                     "default (about 13 minutes); `duallora quick`: the same in about 2 minutes on "
+                                     "default (about 12 minutes); `duallora quick`: the same in about 2 minutes on "
                                      "installed data.")
     sub = parser.add_subparsers(dest="command")
 
@@ -384,7 +385,7 @@ def announcement(plan: str) -> str:
                    f"first use downloads it once ({info.source.size}) and keeps the files the task reads in "
                    "~/.cache/duallora"))
     other = ("For a 2-minute version on installed data: duallora quick" if plan == "default" else
-             "The full default (2 seeds, 400 steps, rated-sentiment): duallora")
+             "The full default (2 seeds, 300 steps, rated-sentiment): duallora")
     return (f"duallora: running {title}: Dual LoRA against LoRA at the same parameter count (r=8), {what}; "
             f"{data}; {duration} on 2 CPU cores. Results: table, JSON and plot in "
             f"{argv[argv.index('--output-dir') + 1]}/. {other}. The command:\n  duallora {' '.join(argv)}")
