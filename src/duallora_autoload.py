@@ -4,9 +4,13 @@ The wheel installs ``duallora-autoload.pth`` beside it; Python's ``site`` runs t
 ``import duallora_autoload``, at every interpreter start. This module must therefore cost nothing measurable: it
 imports only ``os`` and ``sys`` (loaded at start-up already) and adds one finder to ``sys.meta_path``. The finder
 answers no import but peft's: it lets the other finders find peft, and has peft's loader import duallora right after
-peft's ``__init__`` has run (duallora needs a complete peft). Then it removes itself.
+peft's ``__init__`` has run (duallora needs a complete peft). It removes itself when peft's module is executed, not
+when peft is looked up: ``importlib.util.find_spec("peft")`` (transformers' ``is_peft_available()`` in every
+``from_pretrained``, and ``import trl``) looks peft up without importing it, and the import that follows must still
+find the hook.
 
-Set ``DUALLORA_NO_AUTOLOAD=1`` to switch it off; ``import duallora`` still registers the methods.
+Set ``DUALLORA_NO_AUTOLOAD=1`` (or ``true``, ``yes``, ``on``) to switch it off; ``import duallora`` still registers
+the methods.
 """
 
 import os
@@ -26,8 +30,9 @@ class PeftImportHook:
         if fullname != "peft":
             return None
         quiet_missing_kernels_message()  # peft imports bitsandbytes, which logs it then
-        uninstall()  # one-shot: peft is imported once per process, and the lookup below must not find this finder
         for finder in sys.meta_path:
+            if finder is cls:  # the lookup is the other finders': this one would answer itself forever
+                continue
             find_spec = getattr(finder, "find_spec", None)
             spec = find_spec(fullname, path, target) if find_spec else None
             if spec is not None:
@@ -40,10 +45,12 @@ class PeftImportHook:
 
 
 def _register_after(loader) -> None:
-    """Make this loader instance (peft's alone: finders make one per module) import duallora after peft ran."""
+    """Make this loader instance (peft's alone: finders make one per module) import duallora after peft ran. The hook
+    leaves ``sys.meta_path`` here, when peft is imported for real (once per process), not at a mere look-up."""
     exec_peft = loader.exec_module
 
     def exec_module(module):
+        uninstall()
         exec_peft(module)
         import_duallora()
 
@@ -92,9 +99,21 @@ def quiet_missing_kernels_message() -> None:
         logger.addFilter(keep_record)
 
 
+def switched_off() -> bool:
+    """``DUALLORA_NO_AUTOLOAD`` set to a word that means yes (1, true, yes, on); 0, false, no, off or empty keep the
+    hook (any other value switches it off too, and says so: a typo must not pass unnoticed)."""
+    value = os.environ.get(SWITCH_OFF_VARIABLE, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value not in ("1", "true", "yes", "on"):
+        sys.stderr.write(f"duallora: {SWITCH_OFF_VARIABLE}={os.environ[SWITCH_OFF_VARIABLE]!r} is not 1/true/yes/on "
+                         "or 0/false/no/off; taken as switched off.\n")
+    return True
+
+
 def install() -> None:
     """Put the finder first on ``sys.meta_path`` unless switched off or peft is imported already."""
-    if os.environ.get(SWITCH_OFF_VARIABLE, "") not in ("", "0"):
+    if switched_off():
         return
     if "peft" in sys.modules:
         import_duallora()

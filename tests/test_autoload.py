@@ -113,6 +113,55 @@ def test_a_failing_registration_warns_and_peft_still_imports():
     assert "DUALLORA_NO_AUTOLOAD=1" in result.stderr
 
 
+# The orders users write scripts in: each looks peft up (importlib.util.find_spec, as transformers'
+# is_peft_available() in every from_pretrained and `import trl` do) before peft is imported.
+ORDER_SCRIPT = """
+import sys
+import torch
+base_dir, adapter_dir, expected_file, order = sys.argv[1:5]
+ids, expected = torch.load(expected_file)
+if order == "find_spec first":
+    import importlib.util
+    assert importlib.util.find_spec("peft") is not None and "peft" not in sys.modules
+if order == "trl first":
+    import trl  # noqa: F401
+from transformers import AutoModelForCausalLM
+if order == "adapter folder alone":
+    model = AutoModelForCausalLM.from_pretrained(adapter_dir)
+else:
+    base = AutoModelForCausalLM.from_pretrained(base_dir)  # looks peft up before anything imports it
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(base, adapter_dir)
+assert "duallora" in sys.modules
+with torch.no_grad():
+    assert torch.equal(model.eval()(ids).logits, expected)
+print("loaded", order)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["transformers first", "find_spec first", "trl first", "adapter folder alone"])
+def test_an_adapter_loads_in_every_import_order(tmp_path, order):
+    result = fresh_python(ORDER_SCRIPT, *map(str, saved_adapter(tmp_path, "dual")), order)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"loaded {order}" in result.stdout
+
+
+@pytest.mark.parametrize("value, registered", [("", True), ("0", True), ("false", True), ("No", True), ("off", True),
+                                               ("1", False), ("true", False), ("YES", False), ("on", False)])
+def test_the_switch_reads_the_words_people_write(value, registered):
+    probe = "import sys, peft; print('duallora' in sys.modules)"
+    result = fresh_python(probe, env={"DUALLORA_NO_AUTOLOAD": value})
+    assert result.stdout.split() == [str(registered)] and "DUALLORA_NO_AUTOLOAD" not in result.stderr
+
+
+def test_an_unknown_switch_value_is_taken_as_off_and_said():
+    result = fresh_python("import sys, peft; print('duallora' in sys.modules)", env={"DUALLORA_NO_AUTOLOAD": "maybe"})
+    assert result.stdout.split() == ["False"]
+    said = "DUALLORA_NO_AUTOLOAD='maybe' is not 1/true/yes/on or 0/false/no/off; taken as switched off."
+    assert said in result.stderr
+
+
 @pytest.mark.parametrize("method", ["dual", "d2"])
 def test_the_model_card_names_the_method_and_its_snippet_loads_the_adapter(tmp_path, method):
     base_dir, adapter_dir, expected_file = saved_adapter(tmp_path, method)

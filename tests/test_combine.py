@@ -97,3 +97,27 @@ def test_dual_with_a_non_homogeneous_magnitude_refuses_a_weight():
     for layer in layers(model):
         assert_float32_close(dual_update(layer, "negated"), -dual_update(layer, "one"))
     assert warmup_steps_taken(model, "one") == 0 and set(model.peft_config) == {"one", "negated"}
+
+
+@pytest.mark.parametrize("method, combination", [("dual", "linear"), ("d2", "cat")])
+def test_the_new_adapter_takes_the_trained_head_and_two_trained_heads_are_refused(method, combination):
+    """modules_to_save (a head trained whole): one adapter times 1.0 equals the adapter, head included (before, the
+    new adapter got the original, untrained head: 1.9 apart in the logits); two trained heads cannot be summed."""
+    model = get_peft_model(tiny_llama(), METHODS[method](r=4, target_modules=TARGETS, modules_to_save=["lm_head"]),
+                           adapter_name="one")
+    trained_like(model)
+    with torch.no_grad():
+        for p in model.base_model.model.lm_head.modules_to_save["one"].parameters():
+            p.add_(torch.randn_like(p))  # a trained head
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    model.add_weighted_adapter(["one"], [1.0], "copy", combination_type=combination)
+    with torch.no_grad():
+        own = model(ids).logits
+        model.set_adapter("copy")
+        assert_float32_close(model(ids).logits, own)
+    model.add_adapter("two", METHODS[method](r=4, target_modules=TARGETS, modules_to_save=["lm_head"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"the adapters \['one', 'two'\] each train their own modules_to_save "
+                                         r"\(such as 'lm_head'\)"):
+        model.add_weighted_adapter(["one", "two"], [1.0, 1.0], "both", combination_type="cat")
+    assert "both" not in model.peft_config and model.state_dict().keys() == before.keys()

@@ -83,6 +83,27 @@ def test_an_adapter_that_does_not_fit_is_refused_and_nothing_changes(tmp_path, m
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_a_merged_adapter_is_refused_untouched_and_swaps_once_unmerged(tmp_path, method):
+    """Before: the factors changed, W0 kept the old update, the outputs stayed the old adapter's (peft refuses)."""
+    model = adapter(method, seed=1)
+    folder, fresh = saved(tmp_path, method, seed=2)
+    model.merge_adapter()
+    with torch.no_grad():
+        merged = model(IDS).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'default' is merged into the base weights of 6 layer\(s\).*"
+                                         r"unmerge_adapter\(\) first"):
+        hotswap_adapter(model, folder)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, merged)
+    model.unmerge_adapter()
+    hotswap_adapter(model, folder)
+    with torch.no_grad():
+        assert_float32_close(model(IDS).logits, fresh)  # unmerge restores W0 up to float32 rounding of W0 + dW - dW
+
+
 def test_a_state_dict_of_another_rank_or_an_unknown_adapter_is_refused():
     model = adapter("d2", seed=1)
     with pytest.raises(ValueError, match=r"of other shapes, such as .*: \(32, 4\) here, \(32, 8\) in the source"):

@@ -58,6 +58,46 @@ def test_eval_cache_sees_writes_through_data(method, write, inputs):
 
 
 @pytest.mark.parametrize("method", ["dual", "d2"])
+def test_eval_cache_sees_values_permuted_within_a_row_through_data(method, inputs):
+    """A permutation within each row of W0 keeps every row sum: the fingerprint weighs columns, so it is seen."""
+    model = adapted("llama", method)
+    model.eval()
+    with torch.no_grad():
+        first = model_output(model, inputs)
+        for layer in (m for m in model.modules() if isinstance(m, AdaptedLayer)):
+            weight = layer.get_base_layer().weight
+            weight.data.copy_(weight.data.roll(1, dims=1))  # through .data: no version counter moves
+        changed = model_output(model, inputs)
+        model.train()
+        reference = model_output(model, inputs)
+    assert (changed - first).abs().max() > 1e-3
+    assert_float32_close(changed, reference)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
+def test_eval_cache_filled_under_inference_mode_serves_a_later_input_gradient(method, inputs):
+    """A frozen adapter in eval mode: a cache built under torch.inference_mode() once failed every later forward that
+    saves the weight for backward ("Inference tensors cannot be saved for backward"); LoRA's works."""
+    model = adapted("llama", method)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = inputs
+    with torch.inference_mode():
+        filled = model(input_ids=ids).logits.clone()
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    model(inputs_embeds=embeds).logits.sum().backward()
+    reference_embeds = embeds.detach().clone().requires_grad_()
+    for layer in (m for m in model.modules() if isinstance(m, AdaptedLayer)):
+        layer.clear_eval_cache()
+        layer.eval_cache = {name: False for name in layer.eval_cache}  # the same forward without the cache
+    model(inputs_embeds=reference_embeds).logits.sum().backward()
+    assert_float32_close(embeds.grad, reference_embeds.grad)
+    with torch.no_grad():
+        assert_float32_close(model(input_ids=ids).logits, filled)
+
+
+@pytest.mark.parametrize("method", ["dual", "d2"])
 def test_eval_cache_can_be_switched_off(method, inputs):
     cached, uncached = adapted("llama", method), adapted("llama", method, eval_cache=False)
     uncached.load_state_dict(cached.state_dict())
@@ -82,6 +122,9 @@ def test_fingerprint_changes_with_any_single_value():
     swapped[[3, 40]] = w[[40, 3]]  # same values, other rows: a plain sum would not see it
     assert fingerprint([one_ulp]) != reference
     assert fingerprint([swapped]) != reference
+    within_a_row = w.clone()
+    within_a_row[9, [2, 30]] = w[9, [30, 2]]  # same values, other columns of one row: a row sum would not see it
+    assert w[9, 2] != w[9, 30] and fingerprint([within_a_row]) != reference
     assert fingerprint([w.clone()]) == reference
     assert fingerprint([w.t()]) == fingerprint([w.t().contiguous()])  # Conv1D's transposed view reads the same
 

@@ -282,6 +282,23 @@ def test_expert_stacks_left_without_an_adapter_are_named_once(method):
                                                             target_parameters=EXPERTS))
 
 
+def test_qwen2_moe_all_linear_is_not_converted_by_peft_and_the_warning_names_the_fix():
+    """peft 0.21.2 converts all-linear for Mixtral, Qwen3-MoE and OLMoE, not Qwen2-MoE (docs/moe.md says so): LoRA
+    adapts no expert there either, and ours says which target_parameters would."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=1,
+                            shared_expert_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+                            vocab_size=64, num_experts=4, num_experts_per_tok=2)
+    lora = LoraConfig(r=4, target_modules="all-linear")
+    get_peft_model(Qwen2MoeForCausalLM(config), lora)
+    assert lora.target_parameters is None
+    with pytest.warns(UserWarning, match="get no adapter") as caught:
+        get_peft_model(Qwen2MoeForCausalLM(config), METHODS["dual"](r=4, target_modules="all-linear"))
+    message = next(str(w.message) for w in caught if "get no adapter" in str(w.message))
+    assert "target_parameters=['mlp.experts.down_proj', 'mlp.experts.gate_up_proj']" in message
+
+
 # ----------------------------------------------------------------------------- bad input
 def assert_refused(model, config, match):
     before = copy.deepcopy(model.state_dict())

@@ -96,6 +96,47 @@ def test_load_state_dict_changes_w0():
     assert_output_is_fresh(model, before)
 
 
+def test_a_new_w0_at_the_old_address_is_another_w0():
+    """A tensor that lands where a freed W0 was, with the same shape, strides and version, matched every field of the
+    old key (storage address included) and was served the old norm. Built here deterministically: a new Parameter
+    over the old storage, the version counters made equal; its values are then changed, as a new checkpoint's."""
+    model = d2_model()
+    primed(model)
+    for layer in layers(model):
+        old = layer.get_base_layer().weight
+        alias = torch.empty(0).set_(old.untyped_storage(), old.storage_offset(), old.shape, old.stride())
+        new = torch.nn.Parameter(alias, requires_grad=False)
+        with torch.no_grad():
+            while old._version != new._version:  # equal version counters: only identity tells the two apart
+                (old if old._version < new._version else new).add_(0)
+        assert (old.untyped_storage().data_ptr(), old._version) == (new.untyped_storage().data_ptr(), new._version)
+        key = layer.base.cache_key()
+        layer.get_base_layer().weight = new
+        assert layer.base.cache_key() != key
+    before = cached_norms(model)
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.get_base_layer().weight.data.mul_(1.5)  # the "new checkpoint": through .data, no version moves
+    assert_output_is_fresh(model, before)
+
+
+def test_checkpoints_swapped_by_assignment_are_never_served_a_stale_norm():
+    """load_state_dict(assign=True) in a loop, as a swap between checkpoints does: every output equals a fresh
+    model's (before the fix, 7-9 of 20 swaps reused a freed address and the old norm)."""
+    model = d2_model()
+    checkpoints = [dict(tiny_llama(seed=s).named_modules()) for s in (5, 6)]
+    for trial in range(20):
+        for name, layer in model.get_base_model().named_modules():
+            if isinstance(layer, D2LoraLayer):  # new tensors, often at the addresses the last ones freed
+                weights = {k: v.clone() for k, v in checkpoints[trial % 2][name].state_dict().items()}
+                layer.get_base_layer().load_state_dict(weights, assign=True)
+        with torch.no_grad():
+            got = model(input_ids=IDS).logits
+            for m in layers(model):
+                m._norm_cache.clear()
+            assert torch.equal(got, model(input_ids=IDS).logits), f"swap {trial}: a stale norm was served"
+
+
 def test_an_in_place_edit_changes_w0():
     model = d2_model()
     before = primed(model)

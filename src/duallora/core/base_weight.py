@@ -16,6 +16,7 @@ would misread every weight after one such call, silently.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Optional
 
 import torch
@@ -63,7 +64,7 @@ class WeightRows:
         it), dequantized to ``dtype`` when quantized (frozen)."""
         return self.full(dtype) if self.quantized else self.tensor
 
-    def cache_key(self) -> Optional[tuple]:
+    def cache_key(self) -> Optional["TensorsKey"]:
         """What a value computed from ``W0`` (D2-LoRA's ``n(W0)``) may be cached under, or None where it must not be:
         a plain tensor (a merge's intermediate), a sharded weight (FSDP refills its storage, ZeRO-3 gathers anew)."""
         return None
@@ -109,11 +110,12 @@ class BaseWeight(WeightRows):
         """What ``W0``'s values live in (the eval cache fingerprints it, the sharding check reads it)."""
         return [self.layer.weight]
 
-    def cache_key(self) -> Optional[tuple]:
-        """Each watched tensor's storage, offset, shape, strides, dtype, device and version counter, and the layout
-        of the reader (:meth:`layout_key`): a merge (``copy_``), ``load_state_dict``, an in-place edit under
-        ``no_grad``, a cast or a re-quantized weight each change it. A write through ``.data`` is the one change
-        PyTorch does not count (as for autograd): edit a weight under ``torch.no_grad()`` instead."""
+    def cache_key(self) -> Optional["TensorsKey"]:
+        """Each watched tensor's identity, storage, offset, shape, strides, dtype, device and version counter, and the
+        layout of the reader (:meth:`layout_key`): a merge (``copy_``), ``load_state_dict`` (``assign=True`` too, even
+        onto a freed address), an in-place edit under ``no_grad``, a cast or a re-quantized weight each change it. A
+        write through ``.data`` is the one change PyTorch does not count (as for autograd): edit a weight under
+        ``torch.no_grad()`` instead."""
         return tensors_key(self.watched(), (type(self).__name__, *self.layout_key()))
 
     def layout_key(self) -> tuple:
@@ -174,7 +176,7 @@ class ParameterWeight(WeightRows):
     def watched(self) -> list[torch.Tensor]:
         return [self.parameter]
 
-    def cache_key(self) -> Optional[tuple]:
+    def cache_key(self) -> Optional["TensorsKey"]:
         return tensors_key(self.watched(), ("parameter", self.name, self.transposed))
 
     def snapshot(self) -> None:
@@ -220,15 +222,37 @@ def quant_state_of(layer: nn.Module):
     return state if state is not None else getattr(layer, "quant_state", None)
 
 
-def tensors_key(tensors: list[torch.Tensor], extra: tuple) -> Optional[tuple]:
-    """A cache key of ``tensors`` by where and how their values live, and their version counters (no value is read);
-    None if one of them is sharded (its storage is refilled between uses, or is a placeholder)."""
+class TensorsKey:
+    """A cache key of tensors: which tensors they are (weak references, so the key keeps nothing alive), where and
+    how their values live, and their version counters. No value is read.
+
+    Identity matters: a new tensor that lands on a freed address with the same shape and a fresh version counter
+    (``load_state_dict(assign=True)`` swapping checkpoints; CUDA's caching allocator reuses blocks eagerly) has the
+    same storage, offset, strides and version as the old one, and would be served the old one's cached value."""
+
+    __slots__ = ("refs", "layout")
+
+    def __init__(self, tensors: list[torch.Tensor], extra: tuple):
+        self.refs = tuple(weakref.ref(t) for t in tensors)
+        self.layout = (*extra, *((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                                  tuple(t.stride()), t.dtype, t.device, t._version) for t in tensors))
+
+    def __eq__(self, other) -> bool:
+        # `is`, not ==: a weakref's == compares its referents, and a tensor's == is elementwise
+        return (isinstance(other, TensorsKey) and self.layout == other.layout and len(self.refs) == len(other.refs)
+                and all(a() is not None and a() is b() for a, b in zip(self.refs, other.refs)))
+
+    __hash__ = None  # compared, never hashed: a dead reference would change the hash
+
+
+def tensors_key(tensors: list[torch.Tensor], extra: tuple) -> Optional[TensorsKey]:
+    """A cache key of ``tensors`` (:class:`TensorsKey`); None if one of them is sharded (its storage is refilled
+    between uses, or is a placeholder)."""
     from .watch import is_sharded
 
     if any(is_sharded(t) for t in tensors):
         return None
-    return (*extra, *((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-                       t.dtype, t.device, t._version) for t in tensors))
+    return TensorsKey(tensors, extra)
 
 
 def is_cpu_packed(state) -> bool:

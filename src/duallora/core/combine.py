@@ -3,6 +3,8 @@
 What is exact differs per method (docs/combining.md): D2-LoRA's update is linear in its branch products, so any
 number of adapters concatenate ("cat"); Dual LoRA's ``m(B A) * d(D C)`` is not linear in its factors, so only one
 adapter times a weight is (its size into B, its sign into D). Everything else is refused, before anything changes.
+Modules trained whole (``modules_to_save``: a classifier head) are not weighted: the new adapter takes the one
+source adapter's trained copies, and adapters of which more than one trains such modules are refused.
 """
 
 from __future__ import annotations
@@ -53,6 +55,29 @@ def check_request(tuner, adapters, weights, adapter_name: str, combination_type:
     layers_of = {name: {key for key, layer in tuner._adapted_layers() if holds(layer, name)} for name in adapters}
     if any(layers_of[name] != layers_of[adapters[0]] for name in adapters):
         refuse(method, "the adapters adapt different modules; combine adapters with the same target_modules")
+    with_heads = [name for name in adapters if trained_modules_of(tuner.model, name)]
+    if len(with_heads) > 1:  # a head (classifier, embeddings) is a whole module: no sum of two is either one
+        refuse(method, f"the adapters {with_heads} each train their own modules_to_save (such as "
+                       f"{trained_modules_of(tuner.model, with_heads[0])[0]!r}), and whole modules cannot be added "
+                       "up; combine adapters of which at most one has modules_to_save")
+
+
+def trained_modules_of(model, adapter_name: str) -> list[str]:
+    """The modules_to_save wrappers (peft's ModulesToSaveWrapper) that hold a copy trained by this adapter."""
+    from peft.utils import ModulesToSaveWrapper
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save]
+
+
+def copy_trained_modules(model, source: str, adapter_name: str) -> None:
+    """The new adapter's copies of the modules_to_save are the source adapter's trained ones (peft makes them
+    copies of the original, untrained module: one adapter times 1.0 then differed from the adapter)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and source in module.modules_to_save:
+            module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[source].state_dict())
 
 
 def holds(layer, adapter_name: str) -> bool:
@@ -73,6 +98,8 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
             for _, layer in tuner._adapted_layers():
                 if holds(layer, adapter_name):
                     layer.fill_weighted(adapter_name, adapters, weights)
+            for source in adapters:  # at most one has modules_to_save (check_request)
+                copy_trained_modules(tuner.model, source, adapter_name)
     except BaseException:
         if adapter_name in tuner.peft_config:
             tuner.delete_adapter(adapter_name)

@@ -28,12 +28,17 @@ def hotswap_adapter(model, source: Union[str, os.PathLike, dict], adapter_name: 
     ``source``: an adapter folder (its config is checked against the live adapter's) or a state dict as
     ``get_peft_model_state_dict`` gives it (shapes checked; the constants are assumed to be the live adapter's). The
     outputs then equal those of ``source`` loaded afresh, and a compiled model runs on without recompiling. Anything
-    that does not fit (other ranks, scale, tau, activations, missing or extra entries) raises before any value
-    changes.
+    that does not fit (other ranks, scale, tau, activations, missing or extra entries), or an adapter merged into
+    the base weights (as peft's hotswap, which refuses it too), raises before any value changes.
     """
     if adapter_name not in model.peft_config:
         raise ValueError(f"hotswap_adapter: no adapter named {adapter_name!r}; this model holds "
                          f"{sorted(model.peft_config)}.")
+    merged = [name for name, module in model.named_modules() if adapter_name in getattr(module, "merged_adapters", ())]
+    if merged:  # W0 holds the old update: swapping the factors alone would change nothing the model computes
+        raise ValueError(f"hotswap_adapter: the adapter {adapter_name!r} is merged into the base weights of "
+                         f"{len(merged)} layer(s), such as {merged[0]!r}: new factors would not reach the outputs. "
+                         "Call model.unmerge_adapter() first, swap, then merge again if you need to.")
     live = model.peft_config[adapter_name]
     if isinstance(source, (str, os.PathLike)):
         _check_same_constants(live, PeftConfig.from_pretrained(str(source)), str(source))

@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
-from .base_weight import BaseWeight, WeightRows, base_weight_of, bitsandbytes_kind
+from .base_weight import BaseWeight, WeightRows, base_weight_of, bitsandbytes_kind, tensors_key
 from .blocked import KernelOptions, autocast_dtype, blocked_weight
 from .factor import Factor, rename_0_1_keys, run_inside
 from .watch import fingerprint, is_sharded, is_zero3_partition
@@ -380,12 +380,12 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
 
     @torch.compiler.disable  # python-side bookkeeping: keep it out of a compiled graph
     def _cached_weight(self, active: list[str], dtype: torch.dtype) -> torch.Tensor:
-        # The key holds a fingerprint of the values of every tensor f reads (the base weight, the factors, the
-        # warm-up clock), so a change through any path (an optimizer step, load_state_dict, a write through
-        # `.data`, which version counters miss) rebuilds the weight: a stale one is never served. Checking costs one
-        # read of W0 and one host sync per call; building costs several out x in passes and matmuls.
+        # The key holds which tensors f reads (the base weight, the factors, the warm-up clock) with their version
+        # counters (a tensor swapped in, load_state_dict(assign=True) onto a freed address, any in-place write), and
+        # a fingerprint of their values as a second guard (a write through `.data`, which version counters miss).
+        # Checking costs one read of W0 and one host sync per call; building costs several out x in passes.
         watched = self._watched(active)
-        key = (tuple(active), dtype, self.base.device, tuple(fingerprint(watched)))
+        key = (tuple(active), dtype, self.base.device, tensors_key(watched, ()), tuple(fingerprint(watched)))
         if self._eval_cache is None or self._eval_cache[0] != key:
             self._eval_cache = None  # free the old weight before building the new one
             self.values_changed()  # the fingerprint saw a change, a write through .data included
@@ -394,8 +394,10 @@ class AdaptedLayer(nn.Module, BaseTunerLayer):
 
     def _adapted_weight_no_grad(self, active: list[str], dtype: torch.dtype) -> torch.Tensor:
         """``f_k(... f_1(W0))`` from float32 factors, cast to ``dtype``. One adapter is built one row block at a
-        time (the ``block_mib`` bound); several compose on whole float32 matrices (each reads its predecessor)."""
-        with torch.no_grad():
+        time (the ``block_mib`` bound); several compose on whole float32 matrices (each reads its predecessor). Built
+        outside inference mode even when called in it: an inference tensor kept in the cache would fail a later
+        forward that saves it for backward (an input gradient through a frozen adapter)."""
+        with torch.no_grad(), torch.inference_mode(False):
             if len(active) == 1:
                 blocks, rows = self.weight_rows(active[0], self.base, self.float_factors(active[0]))
                 return blocked_weight(lambda s: rows(s).to(dtype), blocks, self.in_features, self.base.device, dtype)

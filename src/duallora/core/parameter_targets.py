@@ -100,7 +100,8 @@ def warn_unadapted_experts(model: nn.Module) -> None:
 
 def convert_moe_targets(config, model: nn.Module) -> None:
     """peft's conversion of ``target_modules`` for MoE models whose experts transformers 5 holds as 3-D parameters
-    (Mixtral, Qwen2/3-MoE, OLMoE): ``"all-linear"`` or the old per-expert names become ``target_parameters`` for
+    (Mixtral, Qwen3-MoE, OLMoE; not Qwen2-MoE in peft 0.21.2, where the unadapted-experts warning names the
+    ``target_parameters`` to add): ``"all-linear"`` or the old per-expert names become ``target_parameters`` for
     the expert stacks and the router (``gate_up_proj`` with twice the rank and alpha: it fuses two projections).
     peft applies it to LoRA only; here to these methods too, in place, as peft does."""
     try:

@@ -17,16 +17,18 @@ _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def fingerprint(tensors: list[torch.Tensor]) -> list[int]:
     """Two integers per tensor that change whenever any of its values changes (one host sync for all tensors).
 
-    The bits of each element are read as an integer (exact: a change of one element by one ulp shows), and summed
-    per row and weighted by the row's position (two changes in different rows do not cancel); int64 arithmetic
-    wraps, which keeps it exact and deterministic.
+    The bits of each element are read as an integer (exact: a change of one element by one ulp shows), weighted by
+    the element's column (values swapped within a row do not cancel), summed per row, and the rows weighted by their
+    position (two changes in different rows do not cancel); int64 arithmetic wraps, which keeps it exact and
+    deterministic.
     """
     parts = []
     for t in tensors:
         bits = t.detach().reshape(1, -1) if t.dim() < 2 else t.detach().flatten(0, -2)
         bits = bits.view(_INT_VIEW[bits.element_size()])
         per_block = max(1, _FINGERPRINT_BLOCK_ELEMENTS // max(1, bits.shape[1]))
-        row_sums = torch.cat([bits[i:i + per_block].sum(dim=1, dtype=torch.int64)
+        column = torch.arange(1, bits.shape[1] + 1, device=bits.device, dtype=torch.int64)
+        row_sums = torch.cat([(bits[i:i + per_block] * column).sum(dim=1)
                               for i in range(0, bits.shape[0], per_block)])
         position = torch.arange(1, row_sums.numel() + 1, device=row_sums.device, dtype=torch.int64)
         parts.append(torch.stack([row_sums.sum(), (row_sums * position).sum()]))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -33,7 +32,7 @@ NORM_CACHE_OFF = os.environ.get("DUALLORA_NORM_CACHE", "1") == "0"  # the benchm
 
 
 @torch.compiler.disable  # python-side bookkeeping (storage pointers, version counters): out of compiled graphs
-def cache_key_of(w0) -> Optional[tuple]:
+def cache_key_of(w0):
     return w0.cache_key()
 
 
@@ -50,13 +49,13 @@ class D2Options:
 class D2LoraLayer(AdaptedLayer):
     """A Linear/Conv1D adapted with D2-LoRA.
 
-    ``n(W0)`` of the layer's own ``W0`` is cached, keyed by where and how ``W0``'s values live and their version
-    counters (:meth:`~duallora.core.base_weight.WeightRows.cache_key`: storage, offset, shape, strides, dtype,
-    device, ``_version``, the quantized layout) and ``norm_axis``, so a merge, an unmerge, a cast,
-    ``load_state_dict``, an in-place edit or a re-quantized weight computes it again (in eval mode, where the eval
-    cache fingerprints the values, so does a write through ``.data``); on a 4-bit base that saves a dequantization
-    pass per forward. Sharded weights (refilled between uses) are not cached, nor are the
-    intermediate weights a merge composes on. ``DUALLORA_NORM_CACHE=0`` turns the cache off.
+    ``n(W0)`` of the layer's own ``W0`` is cached, keyed by which tensors hold ``W0``, where and how their values
+    live and their version counters (:meth:`~duallora.core.base_weight.WeightRows.cache_key`: identity, storage,
+    offset, shape, strides, dtype, device, ``_version``, the quantized layout) and ``norm_axis``, so a merge, an
+    unmerge, a cast, ``load_state_dict`` (``assign=True`` too), an in-place edit or a re-quantized weight computes it
+    again (in eval mode, where the eval cache fingerprints the values, so does a write through ``.data``); on a 4-bit
+    base that saves a dequantization pass per forward. Sharded weights (refilled between uses) are not cached, nor
+    are the intermediate weights a merge composes on. ``DUALLORA_NORM_CACHE=0`` turns the cache off.
     """
 
     prefix = "d2_lora_"
@@ -67,7 +66,7 @@ class D2LoraLayer(AdaptedLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: D2LoraConfig, **kwargs) -> None:
         self.d2_options: dict[str, D2Options] = {}
-        self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # norm_axis -> (W0's cache key, n(W0))
+        self._norm_cache: dict[str, tuple[object, torch.Tensor]] = {}  # norm_axis -> (W0's cache key, n(W0))
         super().__init__(base_layer, adapter_name, config, **kwargs)
 
     def create_adapter(self, adapter_name: str, config: D2LoraConfig, r: int, lora_alpha: float) -> None:
