@@ -155,9 +155,10 @@ def cmd_eval(args) -> None:
 
     model, tokenizer, task, cfg = load_trained(args.adapter, task=args.task)
     examples = task.split(args.split)[: args.max_examples]
-    scores = {"unmerged": evaluate(model, tokenizer, task, examples, cfg.max_length)}
+    scores = {"unmerged": evaluate(model, tokenizer, task, examples, cfg.max_length, progress=args.split)}
     if args.merged and cfg.method != "full":
-        scores["merged"] = evaluate(merged_model(model, cfg), tokenizer, task, examples, cfg.max_length)
+        scores["merged"] = evaluate(merged_model(model, cfg), tokenizer, task, examples, cfg.max_length,
+                                    progress=f"{args.split}, merged")
     print(f"{args.adapter}: {cfg.method} on {cfg.model} / {task.name}, {args.split} split, {len(examples)} examples")
     for name, values in scores.items():
         print(f"  {name:9s} " + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float)))

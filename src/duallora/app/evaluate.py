@@ -3,6 +3,9 @@ with a causal LM, BLEU and ROUGE-L (sacrebleu, rouge-score) for generation."""
 
 from __future__ import annotations
 
+import sys
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -14,22 +17,29 @@ PRIMARY_METRIC = {"classification": "accuracy", "multiple_choice": "accuracy", "
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task: Task, examples: list[Example], max_length: int = 128,
-             batch_size: int = 32, max_new_tokens: int = 48, accelerator=None) -> dict[str, float]:
-    """Scores of ``model`` on ``examples``; the model is put in eval mode and left there.
+             batch_size: int = 32, max_new_tokens: int = 48, accelerator=None,
+             progress: Optional[str] = None) -> dict[str, float]:
+    """Scores of ``model`` on ``examples``; the model is put in eval mode and left there. ``progress``: the label of a
+    progress bar over the examples (a causal LM scores a thousand choices for minutes on a CPU).
 
     With an ``accelerator`` of several processes each scores an equal share of the examples and the per-example
     outcomes are gathered, so every process returns the scores of the whole set (and, under FSDP, every process
     runs the same number of forward passes, as the sharded weights' all-gathers require).
     """
+    from tqdm.auto import tqdm
+
     model.eval()
     share = _share(examples, accelerator)
+    bar = tqdm(total=len(share), desc=progress, unit="example", disable=progress is None,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     if task.kind == "classification":
-        outcomes = _classification_correct(model, tokenizer, task, share, max_length, batch_size)
+        outcomes = _classification_correct(model, tokenizer, task, share, max_length, batch_size, bar)
     elif task.kind == "multiple_choice":
-        outcomes = _choice_correct(model, tokenizer, task, share, max_length)
+        outcomes = _choice_correct(model, tokenizer, task, share, max_length, bar)
     else:
         outcomes = _generate(model, tokenizer, task, share, max_length, batch_size, max_new_tokens,
-                             synced=_processes(accelerator) > 1)
+                             synced=_processes(accelerator) > 1, bar=bar)
+    bar.close()
     outcomes = _gather(outcomes, accelerator)[:len(examples)]
     if task.kind == "generation":
         return generation_scores(outcomes, examples)
@@ -74,7 +84,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _classification_correct(model, tokenizer, task, examples, max_length, batch_size) -> list[bool]:
+def _classification_correct(model, tokenizer, task, examples, max_length, batch_size, bar) -> list[bool]:
     correct = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
@@ -82,6 +92,7 @@ def _classification_correct(model, tokenizer, task, examples, max_length, batch_
         labels = batch.pop("labels")
         logits = model(**{k: v.to(_device(model)) for k, v in batch.items()}).logits
         correct += (logits.argmax(-1).cpu() == labels).tolist()
+        bar.update(len(chunk))
     return correct
 
 
@@ -98,12 +109,17 @@ def choice_log_likelihoods(model, tokenizer, prompt_text: str, choices: list[str
     return (picked * mask).sum(-1).cpu()
 
 
-def _choice_correct(model, tokenizer, task, examples, max_length) -> list[bool]:
-    return [choice_log_likelihoods(model, tokenizer, prompt(task, e), e.choices, max_length).argmax().item() == e.label
-            for e in examples]
+def _choice_correct(model, tokenizer, task, examples, max_length, bar) -> list[bool]:
+    correct = []
+    for e in examples:
+        correct.append(choice_log_likelihoods(model, tokenizer, prompt(task, e), e.choices, max_length).argmax().item()
+                       == e.label)
+        bar.update(1)
+    return correct
 
 
-def _generate(model, tokenizer, task, examples, max_length, batch_size, max_new_tokens, synced: bool) -> list[str]:
+def _generate(model, tokenizer, task, examples, max_length, batch_size, max_new_tokens, synced: bool,
+              bar) -> list[str]:
     """Greedy continuations, first line only. ``synced`` keeps every process stepping until all are done (the
     processes' forward passes must pair up when the weights are sharded)."""
     hypotheses = []
@@ -118,6 +134,7 @@ def _generate(model, tokenizer, task, examples, max_length, batch_size, max_new_
                                  pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             hypotheses += [t.strip().split("\n")[0] for t in texts]
+            bar.update(len(chunk))
     finally:
         tokenizer.padding_side = "right"
     return hypotheses

@@ -108,6 +108,7 @@ class TrainingSession:
         from transformers import get_linear_schedule_with_warmup
 
         self.cfg, self.accelerator, self.out = cfg, accelerator, out
+        self.progress = accelerator.is_main_process  # progress bars (train() may turn them off)
         self.model, self.tokenizer, self.task = build(cfg, task)
         self.train_examples = self.task.train[: cfg.max_train_examples]
         self.eval_examples = self.task.validation[: cfg.max_eval_examples]
@@ -188,13 +189,14 @@ class TrainingSession:
                 shutil.rmtree(old)  # keep the newest complete checkpoint only
         accelerator.wait_for_everyone()  # a resume or the next save finds it complete on every process
 
-    def evaluate(self, examples: list) -> dict:
+    def evaluate(self, examples: list, split: str) -> dict:
         return evaluate(self.accelerator.unwrap_model(self.model), self.tokenizer, self.task, examples,
-                        self.cfg.max_length, accelerator=self.accelerator)
+                        self.cfg.max_length, accelerator=self.accelerator,
+                        progress=split if self.progress else None)
 
     def validate(self) -> dict:
         started, cpu_started = time.perf_counter(), time.process_time()
-        scores = self.evaluate(self.eval_examples)
+        scores = self.evaluate(self.eval_examples, "validation")
         self.state["eval_seconds"] = self.state["eval_seconds"] + time.perf_counter() - started
         self.state["eval_cpu_seconds"] = self.state.get("eval_cpu_seconds", 0.0) + time.process_time() - cpu_started
         self.state["evaluations"].append({"step": self.state["step"], "split": "validation", **scores})
@@ -262,7 +264,7 @@ class TrainingSession:
         cfg, state, accelerator = self.cfg, self.state, self.accelerator
         validation = self.validate()
         test_examples = self.task.test[: cfg.max_eval_examples]
-        test_scores = self.evaluate(test_examples)
+        test_scores = self.evaluate(test_examples, "test")
         train_seconds, train_cpu_seconds, peak_mib = reduce_across_processes(
             accelerator, [state["train_seconds"], state.get("train_cpu_seconds", 0.0), peak_memory_mib()],
             "max")  # the slowest and the largest process
@@ -312,6 +314,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     task = load_run_task(cfg)  # before the output folder is touched: bad data leaves nothing behind
     out = prepare_output_dir(cfg, resume, overwrite, accelerator)
     session = TrainingSession(cfg, accelerator, out, task)
+    session.progress = progress and accelerator.is_main_process
     if accelerator.distributed_type.name == "FSDP" and (cfg.save_every or resume):
         raise ValueError("Checkpoints (--save-every, --resume) are not supported under FSDP yet: the optimizer state "
                          "is sharded across processes. Train without them, or use DDP.")
