@@ -3,7 +3,8 @@ against the eager reference (forward, every factor gradient, the input gradient)
 plain autograd, and merged against unmerged outputs, each within a bound derived from the precision.
 
 Precisions are those of training: ``fp32``; ``bf16``, autocast over float32 factors; ``fp16``, autocast with a
-``torch.amp.GradScaler`` (its scaled gradients compared, the scale being equal on both sides).
+``torch.amp.GradScaler`` (its scaled gradients compared, the scale being equal on both sides). One more check per
+method: ``dW`` with TF32 on equals ``dW`` with it off (the factor products run in IEEE float32 whatever the setting).
 """
 
 from __future__ import annotations
@@ -135,6 +136,24 @@ def merge_parity(model, x: torch.Tensor, method: str, precision: str) -> Check:
                  bound(precision, x.shape[-1]))
 
 
+def reduced_precision_parity(method: str, out_features: int, in_features: int, tokens: int, device: str) -> Check:
+    """The update ``dW`` built with float32 matmuls at reduced precision (TF32 on a GPU:
+    ``set_float32_matmul_precision("high")``, as the Trainer's ``tf32=True``) against IEEE: the factor products run in
+    IEEE float32 either way (:mod:`duallora.core.precision`), so the same bits; under TF32 itself Sign(D C) would flip
+    wherever |D C| is below its resolution."""
+    layer = next(m for m in adapted_layer(method, out_features, in_features, device).modules()
+                 if hasattr(m, "delta_weight"))
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        ieee = layer.delta_weight("default")
+        torch.set_float32_matmul_precision("high")
+        reduced = layer.delta_weight("default")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    return Check(method, "fp32", "TF32 on vs off: dW", relative(reduced, ieee), UNIT_ROUNDOFF["fp32"])
+
+
 def run_checks(sizes: dict, device: str, deadline: Callable[[], bool]) -> tuple[list[dict], list[str]]:
     """Every method x precision on one layer of ``sizes`` (out, in, tokens); the skipped ones when time is up."""
     checks, skipped = [], []
@@ -144,4 +163,8 @@ def run_checks(sizes: dict, device: str, deadline: Callable[[], bool]) -> tuple[
                 skipped.append(f"correctness {method} {precision}")
                 continue
             checks += [c.as_dict() for c in check_layer(method, precision, device=device, **sizes)]
+        if deadline():
+            skipped.append(f"correctness {method} tf32")
+            continue
+        checks.append(reduced_precision_parity(method, device=device, **sizes).as_dict())
     return checks, skipped

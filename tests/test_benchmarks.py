@@ -122,7 +122,8 @@ def test_gpu_check_dry_run_writes_the_record(tmp_path):
                                                               for p in ("fp32", "bf16", "fp16")}
     assert all(c["holds"] for c in checks) and all(0 < c["bound"] < 1 for c in checks)
     kinds = {c["what"].split(":")[0] for c in checks}
-    assert kinds == {"compiled vs eager", "memory-efficient vs plain autograd", "merged vs unmerged output"}
+    assert kinds == {"compiled vs eager", "memory-efficient vs plain autograd", "merged vs unmerged output",
+                     "TF32 on vs off"}
     methods = {r["method"] for r in payload["step_results"]}
     assert methods == {"full", "lora", "lora-2r", "loraplus", "dora", "hira", "dual", "dual-bf16-grad", "d2"}
     assert all(r["step_seconds"] > 0 and r["peak_mib"] > 0 for r in payload["step_results"])

@@ -73,11 +73,15 @@ def test_fsdp2_adapter_saves_from_the_gathered_full_state_dict_and_loads_both_wa
     # with the same full float32 weights as the unsharded reference in the same process), and the clock restored
     assert result["fresh_differs"], result  # the fresh model's factors give other logits before the load
     for way in ("trained_sharded_vs_reference", "from_pretrained_then_shard", "set_peft_model_state_dict",
-                "set_model_state_dict"):
+                "set_model_state_dict", "hotswap_adapter"):
         outcome = result[way]
         assert outcome.get("type") is None, (way, outcome)  # no error
         assert outcome["base_sharded"] and outcome["exact"] and outcome["relative_difference"] == 0.0, (way, outcome)
         assert outcome["clock"] == clock, (way, outcome)
+
+    # get_peft_model_state_dict gives the shards, as LoRA's does (a sharded checkpoint needs them): only the file
+    # write is refused
+    assert result["state_dict_shards"] == {"all_dtensors": True, "full_shapes": True}, result
 
     # save_pretrained without a state_dict on the sharded model is refused, on all ranks and on rank 0 alone alike,
     # with the two lines that save it (LoRA fails there on peft's alias check, "invalid python storage", and its

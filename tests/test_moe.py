@@ -164,6 +164,120 @@ def test_several_adapters_disable_adapter_and_mixed_batches(method):
             assert torch.equal(generated[1], model.generate(input_ids=IDS[1:2], max_new_tokens=3, do_sample=False)[0])
 
 
+def tiny_llama4(seed: int = 0) -> nn.Module:
+    """A tiny Llama-4 text model: its experts see every token once per expert, expert-major
+    (``hidden.repeat(experts, 1)``), and compute ``x @ W[e]``; its router is a Linear subclass with a forward of its
+    own; its shared expert's Linears see the tokens flattened, ``(batch * seq, hidden)``."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(seed)
+    model = Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=24, intermediate_size_mlp=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=1))
+    for module in model.modules():
+        if type(module).__name__ == "Llama4TextExperts":
+            module.is_transposed = True  # what the layout refusal asks for: the module computes x @ W[e]
+            for stack in (module.gate_up_proj, module.down_proj):
+                nn.init.normal_(stack, std=0.2)  # down_proj is torch.empty in transformers' __init__
+    return model.eval()
+
+
+def each_row_as_its_adapter(model, base_logits, names):
+    """The mixed batch's logits equal, row by row, the logits of the row's adapter run alone (``__base__``: the
+    bare base model's), and a mixed generate the per-adapter generates."""
+    outputs = {"__base__": base_logits}
+    with torch.no_grad():
+        for name in set(names) - {"__base__"}:
+            model.set_adapter(name)
+            outputs[name] = model(IDS).logits
+        assert (outputs["default"] - outputs["other"]).abs().max() > 1e-3  # the adapters differ: the test can fail
+        mixed = model(IDS, adapter_names=names).logits
+        for row, name in enumerate(names):
+            assert_float32_close(mixed[row], outputs[name][row])
+        generated = model.generate(input_ids=IDS[:2], adapter_names=names[:2], max_new_tokens=3, do_sample=False)
+        for row, name in enumerate(names[:2]):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model.generate(input_ids=IDS[row:row + 1], max_new_tokens=3, do_sample=False)
+            else:
+                model.set_adapter(name)
+                alone = model.generate(input_ids=IDS[row:row + 1], max_new_tokens=3, do_sample=False)
+            assert torch.equal(generated[row], alone[0]), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_llama4_expert_major_experts_router_and_shared_expert_in_mixed_batches(method):
+    """Llama-4 hands its experts the tokens expert-major and its shared expert token-major: each mixed-batch row is
+    its adapter's, ``__base__`` rows the base model's (before: every row wrong, or a length error)."""
+    config = dict(r=4, target_modules=["q_proj", "gate_proj"], target_parameters=[*EXPERTS, "router.weight"])
+    model = get_peft_model(tiny_llama4(), METHODS[method](**config))
+    model.add_adapter("other", METHODS[method](**config))
+    trained_like(model, std=0.2)
+    assert {type(m.get_base_layer()).__name__ for m in wrappers(model).values()} == {"Llama4TextExperts",
+                                                                                     "Llama4Router"}
+    with torch.no_grad():
+        base = tiny_llama4()(IDS).logits
+    each_row_as_its_adapter(model.eval(), base, ["other", "__base__", "default"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_qwen2_moe_shared_expert_linears_in_mixed_batches(method):
+    """Qwen2-MoE's shared expert is a Linear MLP on the flattened tokens: a mixed batch splits them by row (LoRA and
+    0.2 stopped with a length error that counted tokens as inputs)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    def base():
+        torch.manual_seed(0)
+        return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+            hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=1,
+            shared_expert_intermediate_size=24, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+            num_experts=4, num_experts_per_tok=2)).eval()
+
+    config = dict(r=4, target_modules=["q_proj", "shared_expert.gate_proj", "shared_expert.down_proj",
+                                       "shared_expert_gate"], target_parameters=["mlp.experts.gate_up_proj"])
+    model = get_peft_model(base(), METHODS[method](**config))
+    model.add_adapter("other", METHODS[method](**config))
+    trained_like(model, std=0.2)
+    assert any("shared_expert." in name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+    with torch.no_grad():
+        base_logits = base()(IDS).logits
+    each_row_as_its_adapter(model.eval(), base_logits, ["default", "other", "__base__"])
+
+
+@pytest.mark.parametrize("length", [9, 2])
+def test_adapter_names_are_checked_against_the_batch_with_expert_adapters_only(length):
+    """With adapters on expert stacks alone no Linear checks the names' count; 9 names for 3 rows of 9 tokens used
+    to split the 27 tokens into 9 runs, silently. LoRA's message."""
+    model = adapted("mixtral", "dual").eval()
+    model.add_adapter("other", DualLoraConfig(r=4, target_modules=[], target_parameters=EXPERTS))
+    names = (["default", "other", "__base__"] * 3)[:length]
+    with torch.no_grad(), pytest.raises(ValueError, match=f"Length of `adapter_names` should be the same as the "
+                                                          f"number of inputs, but got {length} and 3 respectively"):
+        model(IDS, adapter_names=names)
+
+
+def test_a_layer_whose_input_fits_no_layout_is_refused_naming_the_counts():
+    from duallora.core.mixed_batch import RowAdapters, input_layout, layout_error
+
+    assert input_layout(27, 3, 27, 4) == "tokens" and input_layout(108, 3, 27, 4) == "expert-major"
+    assert input_layout(3, 3, 27, 4) == "rows" and input_layout(11, 3, 27, 4) is None  # 11: tokens routed to it
+    names = RowAdapters(["a", "b", "c"])
+    names.tokens = 27
+    message = str(layout_error("an expert Linear", 11, names, 4))
+    assert "received 11 input rows, while the model's input holds 27 tokens in 3 rows" in message
+    assert "Expected 3 (one per row) or 27 (one per token) or 108 (one per expert and token)" in message
+    assert "model.set_adapter(name)" in message
+
+
+def test_a_linear_subclass_with_a_forward_of_its_own_is_refused_naming_target_parameters():
+    """Llama-4's router computes top-k and a sigmoid after x W^T: an adapted layer would drop them (LoRA crashes on
+    the tuple it returns). Refused before the model changes; its weight can be adapted instead (above)."""
+    assert_refused(tiny_llama4(), DualLoraConfig(target_modules=["router"]),
+                   r"Llama4Router, whose forward does more than x W\^T \+ b.*"
+                   r"target_parameters=\['model\.layers\.0\.feed_forward\.router\.weight'\]")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_gradient_checkpointing_gives_the_same_gradients(method):
     grads = []

@@ -9,7 +9,8 @@ the factors DTensors), for one method (argv[1]: dual, d2 or lora). In argv[2] (a
   loading into a sharded model reproduces the unsharded model with the same factor values (loading with
   ``PeftModel.from_pretrained`` then sharding; ``set_peft_model_state_dict`` and ``set_model_state_dict`` into an
   already-sharded model), and what ``save_pretrained`` without a ``state_dict`` raises on a sharded model, called
-  on all ranks and on rank 0 only.
+  on all ranks and on rank 0 only; whether ``get_peft_model_state_dict`` gives the DTensor shards (as LoRA's
+  does); and ``hotswap_adapter`` of the saved adapter into an already-sharded fresh model.
 
     torchrun --nproc_per_node 2 tests/workers/fsdp2_state_dict.py dual out/
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -164,6 +165,21 @@ def main() -> None:
         lambda: set_model_state_dict(fresh, adapter_sd if rank == 0 else {}, options=options))
     if result["set_model_state_dict"]["type"] is None:
         result["set_model_state_dict"].update(compared(fresh, inputs, reference_logits, method))
+
+    # ---- (b4) hotswap_adapter of the saved folder into an already-sharded fresh model, on every rank
+    if method != "lora":
+        fresh = shard(adapted(method, seed=3))
+        result["hotswap_adapter"] = failure(lambda: duallora.hotswap_adapter(fresh, str(adapter_dir)))
+        if result["hotswap_adapter"]["type"] is None:
+            result["hotswap_adapter"].update(compared(fresh, inputs, reference_logits, method))
+
+    # ---- get_peft_model_state_dict on the sharded model: the shards, as DTensors of the factors' full shapes
+    shards = get_peft_model_state_dict(model)
+    factors = {k.replace(".default", ""): v for k, v in full.items() if ".default" in k}  # the parameters
+    result["state_dict_shards"] = {
+        "all_dtensors": all(isinstance(shards[k], DTensor) for k in factors),
+        "full_shapes": all(tuple(shards[k].shape) == tuple(v.shape) for k, v in factors.items()),
+    }
 
     # ---- save_pretrained without a state_dict on a sharded model: on all ranks, then on rank 0 only
     everyone = failure(lambda: model.save_pretrained(str(out / "plain-all-ranks")))

@@ -13,6 +13,7 @@ from ..dual.layer import DualLoraLayer
 from ..dual.maths import direction, magnitude
 from ..core.layer import AdaptedLayer
 from ..core.param_wrapper import AdaptedParameter
+from ..core.precision import factor_product
 from ..core.parameter_targets import unwrapped_name
 
 
@@ -44,10 +45,10 @@ def matrix_report(name: str, layer: AdaptedLayer, adapter: str, dw, w0, factors)
     if isinstance(layer, DualLoraLayer):
         opts = layer.dual_options[adapter]
         A, B, C, D = factors
-        p = B @ A
+        p = factor_product(B, A)
         row.update(lora_bound=opts.r1 + opts.r2, r1=opts.r1, r2=opts.r2,
                    rank_magnitude=numerical_rank(magnitude(p, opts.magnitude_activation)),
-                   rank_direction=numerical_rank(direction(D @ C, opts.direction_activation)),
+                   rank_direction=numerical_rank(direction(factor_product(D, C), opts.direction_activation)),
                    relu_off_fraction=(p <= 0).float().mean().item(), warmup_step=int(layer.dual_lora_step[adapter]))
     else:
         row["lora_bound"] = 2 * factors[0].shape[-1]

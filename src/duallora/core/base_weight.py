@@ -10,7 +10,8 @@ dequantize whole (in float32), as peft does for LoRA on these layers, and write 
 A 4-bit weight is read in whichever of bitsandbytes' two layouts it is in *now*: on CPUs with AVX512-BF16,
 ``Linear4bit.forward`` repacks its weight in place for its CPU kernel the first time it runs in eval mode without
 grad (tiles of 32 rows, the absmax transposed and rounded to bfloat16). A reader that knew only the first layout
-would misread every weight after one such call, silently.
+would misread every weight after one such call, silently. On such a CPU the absmax is read rounded to bfloat16 in
+both layouts, so that what the adapter computes does not depend on whether a base-only call happened before.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class WeightRows:
         """What a value computed from ``W0`` (D2-LoRA's ``n(W0)``) may be cached under, or None where it must not be:
         a plain tensor (a merge's intermediate), a sharded weight (FSDP refills its storage, ZeRO-3 gathers anew)."""
         return None
+
+    def after_state_dict(self) -> None:
+        """Called after the layer's ``state_dict()``: mend what a library's own saving left behind (nothing here)."""
 
 
 def as_rows(w0) -> WeightRows:
@@ -282,7 +286,10 @@ class Bnb4bitWeight(QuantizedWeight):
       weight (itself 8-bit quantized in blocks of its own with ``compress_statistics``);
     - repacked for the CPU kernel (:func:`is_cpu_packed`): tiles of 32 rows (:func:`unpack_cpu_tiles`), the absmax
       dequantized, rounded to bfloat16 and stored as ``(in / blocksize, out)``. bitsandbytes' own kernel computes with
-      that rounded absmax from then on, so this reader does too: ``W0`` is the weight the layer now holds.
+      that rounded absmax from then on.
+
+    Where bitsandbytes repacks (:attr:`absmax_in_bfloat16`), the absmax is read rounded to bfloat16 in the first
+    layout too: ``W0`` is then the same before and after a repack, the weight bitsandbytes' eval kernel uses.
     """
 
     @property
@@ -309,6 +316,17 @@ class Bnb4bitWeight(QuantizedWeight):
             return CPU_PACKED_TILE_ROWS
         return 1 if self.shape[1] % self.state.blocksize == 0 else self.shape[0]
 
+    @property
+    def absmax_in_bfloat16(self) -> bool:
+        """Whether the absmax is read rounded to bfloat16: once repacked (the repacking stores it so), and, on a CPU
+        where bitsandbytes repacks (AVX512-BF16, the weight on the CPU), from the start. Any eval-mode call of the
+        base layer repacks it (a ``disable_adapter()`` block, TRL's reference pass, a mixed batch's base rows), so
+        the unrounded absmax would make the adapter's outputs depend on the calls made before (0.003 in a tiny
+        LLaMA's logits; peft's LoRA, which calls the base layer in every eval forward, always sees the rounded
+        one)."""
+        return is_cpu_packed(self.state) or (bool(getattr(self.layer, "support_avx512bf16_for_cpu", False))
+                                             and self.layer.weight.device.type == "cpu")
+
     def _absmax(self, first: int, last: int) -> torch.Tensor:
         """The absmax of quantization blocks ``first`` to ``last`` (exclusive). Nested (double quantization): only
         the second-level blocks that cover them are dequantized, not the whole matrix's absmax once per row block
@@ -333,7 +351,10 @@ class Bnb4bitWeight(QuantizedWeight):
         if is_cpu_packed(state):
             return self._cpu_packed_rows(start, stop, dtype)
         first, last = start * in_features, stop * in_features  # elements of the flattened weight
-        block = bnbf.QuantState(absmax=self._absmax(first // state.blocksize, -(-last // state.blocksize)),
+        absmax = self._absmax(first // state.blocksize, -(-last // state.blocksize))
+        if self.absmax_in_bfloat16:
+            absmax = absmax.float().to(torch.bfloat16).float()  # as the repacking rounds it
+        block = bnbf.QuantState(absmax=absmax,
                                 shape=torch.Size([stop - start, in_features]), code=state.code,
                                 blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
         # two 4-bit codes per byte, whatever dtype bnb_4bit_quant_storage stores the bytes in (uint8, or bf16 for FSDP)
@@ -349,10 +370,23 @@ class Bnb4bitWeight(QuantizedWeight):
         packed = self.layer.weight.data.view(torch.uint8).reshape(self.shape[0], in_features // 2)
         codes = unpack_cpu_tiles(packed[first:last], last - first, in_features)
         absmax = state.absmax[:, first:last].t().float().repeat_interleave(state.blocksize, dim=1)
-        return (state.code[codes.long()] * absmax)[start - first: stop - first].to(dtype)
+        # in the quantized dtype first, as bitsandbytes' dequantization of the first layout gives it
+        return (state.code[codes.long()] * absmax)[start - first: stop - first].to(self.dtype).to(dtype)
 
     def watched(self) -> list[torch.Tensor]:
         return [self.layer.weight, self.state.absmax]
+
+    @torch.no_grad()
+    def after_state_dict(self) -> None:
+        """bitsandbytes (0.50) undoes its CPU repacking in ``Linear4bit``'s ``state_dict()``, so every save of a model
+        that ran an eval-mode base call, but leaves a non-nested absmax as the repacking stored it: transposed,
+        ``(in / blocksize, out)``, while the codes are back in row-major order. Every reader, bitsandbytes' own
+        kernels included, then takes the absmax of one row's blocks from other rows (0.03 off in a 64 x 128 weight,
+        outputs off by 5 %). Put it back in the first layout's order (its values stay rounded to bfloat16)."""
+        state = self.state
+        if state is None or is_cpu_packed(state) or state.nested or state.absmax.dim() != 2:
+            return
+        state.absmax = state.absmax.t().reshape(-1).float()
 
     def layout_key(self) -> tuple:
         """The layout (bitsandbytes' CPU repacking changes it in place) and the quantization settings; a nested

@@ -5,6 +5,7 @@ A compiled graph reads the factor tensors themselves, and it is specialised on t
 that the layer computes with (scale, tau, the warm-up length, the activations). So hotswapping copies new values into
 the same tensors (``Tensor.copy_``, through peft's ``set_peft_model_state_dict``) and refuses any other shape or
 constant before it changes anything. Dual LoRA's warm-up clock is a tensor as well, and it is copied with the rest.
+On an FSDP2-sharded model, each rank keeps its own shard of the source's values.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Union
 import torch
 from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils import load_peft_weights
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 # The config fields that fix a layer's shapes or constants; a swap between adapters that differ in one is refused
 UPDATE_FIELDS = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "r1", "r2",
@@ -47,8 +49,18 @@ def hotswap_adapter(model, source: Union[str, os.PathLike, dict], adapter_name: 
         incoming = dict(source)
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
     _check_same_entries(expected, incoming)
+    incoming = {key: _placed_like(expected[key], value) for key, value in incoming.items()}
     with torch.no_grad():  # load_state_dict copies into the existing tensors: the compiled graph keeps reading them
         set_peft_model_state_dict(model, incoming, adapter_name=adapter_name)
+
+
+def _placed_like(live: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor from the source) as ``live`` is held: on an FSDP2-sharded model, this rank's shard
+    of it as a DTensor (every rank calls hotswap_adapter with the same source, so each cuts its own shard: no
+    communication), which loading into the sharded factor needs."""
+    if not isinstance(live, DTensor):
+        return value
+    return distribute_tensor(value.to(live.device), live.device_mesh, live.placements, src_data_rank=None)
 
 
 def _check_same_constants(live, incoming, where: str) -> None:

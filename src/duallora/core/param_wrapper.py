@@ -29,7 +29,8 @@ from torch import nn
 
 from .base_weight import ParameterWeight
 from .factor import run_inside
-from .layer import BASE_ROWS, AdaptedLayer
+from .layer import AdaptedLayer
+from .mixed_batch import BASE_ROWS, grouped_rows, scattered, units_of_rows
 
 LAYOUT_ATTRIBUTE = "is_transposed"  # transformers' flag on expert modules: True for (experts, in, out)
 
@@ -99,7 +100,7 @@ class AdaptedParameter(AdaptedLayer):
             )
 
     def _check_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> None:
-        """Nothing here: ``len(x)`` counts tokens, not rows; :meth:`_mixed_batch_forward` checks the whole nest."""
+        """Nothing here: :meth:`_mixed_batch_forward` checks the whole nest and the input's layout."""
 
     @property
     def base(self) -> ParameterWeight:
@@ -150,42 +151,33 @@ class AdaptedParameter(AdaptedLayer):
     # ----------------------------------------------------------------- mixed batches
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
         """Each row of the batch through its own adapter: the module runs once per distinct adapter, on that
-        adapter's rows only, with every parameter of the nest adapted by it.
+        adapter's units only, with every parameter of the nest adapted by it.
 
-        A MoE block hands its experts and router the tokens of the whole batch flattened, ``(batch * seq, hidden)``,
-        row by row; so the ``len(x)`` units split into ``len(adapter_names)`` consecutive runs of equal length, one
-        per row. Every tensor argument that has ``len(x)`` rows is split the same way, and every output tensor is put
-        back in place."""
+        A MoE block hands its experts and router the tokens of the whole batch flattened, row-major (or, Llama-4's
+        experts, once per expert: :mod:`.mixed_batch` tells the layouts apart). Every tensor argument with as many
+        rows as the input is split the same way, and every output tensor is put back in place."""
         nest = self.wrapper_nest()
         merged = [w.parameter_name for w in nest if w.merged]
         if merged:
             raise ValueError(f"Cannot pass `adapter_names` when there are merged adapters ({merged}), please call "
                              "`unmerge_adapter` first.")
         units, rows = x.shape[0], len(adapter_names)
-        if units % rows:
-            raise ValueError(
-                f"Mixed-batch inference through {self._base_description()}: it received {units} rows for "
-                f"{rows} adapter_names, which cannot be split into one run per batch row. Run each adapter's rows as "
-                "a batch of its own (model.set_adapter(name))."
-            )
-        per_row = units // rows
-        groups: dict[str, list[int]] = {BASE_ROWS: []}
-        for row, name in enumerate(adapter_names):
-            held = any(name in getattr(w, w.adapter_layer_names[0]) for w in nest)
-            groups.setdefault(name if held else BASE_ROWS, []).append(row)
+        experts = self.stack_shape[0] if self.stack_shape else 1
+        layout = self._input_layout(units, adapter_names, experts)
         module, outputs = self.get_base_layer(), []
-        for name, group in groups.items():
-            if not group:
-                continue
-            index = (torch.tensor(group, device=x.device)[:, None] * per_row
-                     + torch.arange(per_row, device=x.device)).flatten()
+
+        def held(name: str) -> bool:
+            return any(name in getattr(w, w.adapter_layer_names[0]) for w in nest)
+
+        for name, group in grouped_rows(adapter_names, held).items():
+            index = units_of_rows(group, layout, units, rows, experts, x.device)
             part_args = [_rows_of(a, index, units) for a in args]
             part_kwargs = {k: _rows_of(v, index, units) for k, v in kwargs.items()}
             adapters = [] if name == BASE_ROWS else [w for w in nest if name in getattr(w, w.adapter_layer_names[0])]
             factor_modules = [m for w in adapters for m in w.factor_modules(name)]
             outputs.append((index, run_inside(factor_modules, functools.partial(
                 _run_adapted, module, adapters, name, x[index], part_args, part_kwargs))))
-        return _scatter(outputs, units)
+        return scattered(outputs, units)
 
     # ----------------------------------------------------------------- merge, unload
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -225,18 +217,3 @@ def _run_adapted(module: nn.Module, adapters: list[AdaptedParameter], name: str,
 
 def _rows_of(value, index: torch.Tensor, units: int):
     return value[index] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == units else value
-
-
-def _scatter(outputs: list[tuple[torch.Tensor, Any]], units: int):
-    """The outputs of the per-adapter runs put back in row order (a tensor, or a tuple of them: a router's)."""
-    first = outputs[0][1]
-    if isinstance(first, (tuple, list)):
-        return type(first)(_scatter([(index, y[k]) for index, y in outputs], units) for k in range(len(first)))
-    if not isinstance(first, torch.Tensor) or any(y.shape[0] != len(index) for index, y in outputs):
-        raise ValueError("Mixed-batch inference: the adapted module returned something that is not one row per "
-                         "input row, which cannot be put back per adapter. Run each adapter's rows separately.")
-    dtype = functools.reduce(torch.promote_types, [y.dtype for _, y in outputs])
-    result = first.new_empty((units, *first.shape[1:]), dtype=dtype)
-    for index, y in outputs:
-        result[index] = y.to(dtype)
-    return result

@@ -11,9 +11,11 @@ import contextlib
 import copy
 import functools
 import os
+import sys
 import warnings
 from typing import Optional
 
+from peft import PeftModel
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
@@ -32,8 +34,9 @@ from torch.distributed.tensor import DTensor
 
 from .base_weight import ParameterWeight, base_weight_of
 from . import combine
-from .layer import (BASE_ROWS, AdaptedLayer, Conv1D, is_adaptable, is_quantized_bitsandbytes, unsupported_layer_error,
-                    zero3_merge_error)
+from .layer import AdaptedLayer, Conv1D, is_adaptable, is_quantized_bitsandbytes, unsupported_layer_error
+from .mixed_batch import BASE_ROWS, RowAdapters
+from .sharding import zero3_merge_error
 from .factor import current_key
 from .param_wrapper import AdaptedParameter, stored_layout_is_transposed
 from .parameter_targets import check_parameter_targets, convert_moe_targets, unwrapped_name, warn_unadapted_experts
@@ -61,6 +64,8 @@ class AdaptedWeightTuner(BaseTuner):
             check_adapter_file(model, adapter_dir, self.tuner_layer_cls)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        if not hasattr(self, "_merge_guard"):  # once per tuner: it runs before any child loads
+            self._merge_guard = self.register_load_state_dict_pre_hook(_refuse_new_factors_into_a_merge)
         if not config.inference_mode:
             warn_unadapted_experts(model)
 
@@ -153,7 +158,8 @@ class AdaptedWeightTuner(BaseTuner):
         """peft's ``model(..., adapter_names=[...])`` and ``generate(..., adapter_names=[...])``: each row through
         its own adapter (``"__base__"``: the base model). PeftModel calls this around the forward; the names reach
         every adapted layer (and ``modules_to_save``) through a forward pre-hook. The checks and messages are LoRA's,
-        plus the names the model does hold."""
+        plus the names the model does hold; the count is checked against the batch at every forward of the model
+        (LoRA checks it at each Linear, which a model adapted on expert stacks alone has none of)."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
@@ -170,9 +176,12 @@ class AdaptedWeightTuner(BaseTuner):
         num_beams = kwargs.get("num_beams")
         if isinstance(num_beams, int) and num_beams > 1:  # generate repeats each input num_beams times
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
-        hook = functools.partial(_pass_adapter_names, adapter_names=list(adapter_names))
-        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.model.modules()
-                   if isinstance(m, (AdaptedLayer, AuxiliaryTrainingWrapper))]
+        rows = RowAdapters(adapter_names)
+        hook = functools.partial(_pass_adapter_names, adapter_names=rows)
+        handles = [self.model.register_forward_pre_hook(functools.partial(_see_model_input, rows=rows),
+                                                        with_kwargs=True)]
+        handles += [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.model.modules()
+                    if isinstance(m, (AdaptedLayer, AuxiliaryTrainingWrapper))]
         try:
             yield
         finally:
@@ -182,15 +191,18 @@ class AdaptedWeightTuner(BaseTuner):
     # ------------------------------------------------------------------ merging
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """peft's selection of the adapter's entries, refusing FSDP2 shards: saved as they are, safetensors fails
-        ("invalid python storage", LoRA too) and ``safe_serialization=False`` silently writes rank 0's shard."""
+        """peft's selection of the adapter's entries. On a model sharded with FSDP2 these are DTensor shards, as
+        LoRA's are (what a sharded checkpoint and :func:`~duallora.hotswap_adapter` need); only ``save_pretrained``
+        is refused, before it writes: saved as they are, safetensors fails ("invalid python storage", LoRA too) and
+        ``safe_serialization=False`` silently writes rank 0's shard as the adapter."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         sharded = [key for key, value in selected.items() if isinstance(value, DTensor)]
-        if sharded:  # raise, not gather: full_tensor() is a collective, and a save on rank 0 alone would hang
+        if sharded and _called_by_save_pretrained():  # raise, not gather: full_tensor() is a collective, and a save
+            # on rank 0 alone would hang
             raise ValueError(
                 f"save_pretrained got the adapter of a sharded (FSDP2) model: {len(sharded)} entries such as "
-                f"{sharded[0]!r} are DTensor shards, and saving them would write one rank's part. Gather the full "
-                "state dict on every rank, then save from rank 0:\n"
+                f"{sharded[0]!r} are DTensor shards, and saving them would write one rank's part. Nothing was "
+                "written. Gather the full state dict on every rank, then save from rank 0:\n"
                 "    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
                 "cpu_offload=True))\n"
                 "    model.save_pretrained(path, state_dict=sd, is_main_process=dist.get_rank() == 0)\n"
@@ -293,6 +305,54 @@ class AdaptedWeightTuner(BaseTuner):
         elif getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
         return model
+
+
+def _refuse_new_factors_into_a_merge(tuner, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` (``set_peft_model_state_dict``, a checkpoint) with new factor values for an adapter merged
+    into the base weights: they would not reach the outputs, since ``W0`` holds the merged update (peft's LoRA loads
+    them silently). Refused before anything loads; equal values (a checkpoint of this very state) pass."""
+    for name, layer in tuner.model.named_modules():
+        if not isinstance(layer, AdaptedLayer):
+            continue
+        for adapter in layer.merged_adapters:
+            for attr, factor in zip(layer.adapter_layer_names, layer.factors(adapter)):
+                value = state_dict.get(f"{prefix}model.{name}.{attr}.{adapter}.weight")
+                if (value is None or isinstance(value, DTensor) or isinstance(factor, DTensor)
+                        or torch.equal(value.to(factor.device, factor.dtype), factor)):
+                    continue
+                raise ValueError(
+                    f"Loading new values of adapter {adapter!r} into {name}, where it is merged into the base "
+                    "weights: they would not reach the outputs (W0 holds the merged update). Nothing was loaded. "
+                    "Call model.unmerge_adapter() first, load, then merge again if you need to."
+                )
+
+
+def _called_by_save_pretrained(depth: int = 8) -> bool:
+    """Whether ``PeftModel.save_pretrained`` is among the callers: it writes the file as soon as
+    ``get_peft_model_state_dict`` returns, with no hook of the tuner's in between."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code is PeftModel.save_pretrained.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _see_model_input(module, args, kwargs, rows: RowAdapters):
+    """The model's forward pre-hook in a mixed batch: one adapter name per batch row, checked, and the number of
+    tokens recorded for the layers whose input is flattened to tokens (:mod:`.mixed_batch`)."""
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    embeds = kwargs.get("inputs_embeds")
+    shape = ids.shape if ids is not None else embeds.shape[:-1] if embeds is not None else None
+    if shape is None or len(shape) == 0:
+        rows.tokens = None
+        return
+    if shape[0] != len(rows):
+        raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(rows)} and {shape[0]} respectively.")
+    rows.tokens = shape.numel()
 
 
 def _pass_adapter_names(module, args, kwargs, adapter_names):

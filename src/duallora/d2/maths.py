@@ -21,6 +21,7 @@ from ..core.base_weight import as_rows
 from ..core.blocked import (DEFAULT_KERNEL, BlockedAdaptedWeight, BlockedAdapterLinear, KernelOptions, RowRule,
                              add_matmul_)
 from ..core.fused import fused
+from ..core.precision import factor_product
 
 NORM_AXES = ("out", "in")
 
@@ -63,7 +64,7 @@ def d2_delta_weight(
     A_pos: torch.Tensor, B_pos: torch.Tensor, A_neg: torch.Tensor, B_neg: torch.Tensor, scale: float, tau: float
 ) -> torch.Tensor:
     """D2-LoRA signed two-branch update ``dW = scale * (A_pos B_pos - tau * A_neg B_neg)`` (paper Eq. 1)."""
-    return d2_delta_from_products(A_pos @ B_pos, A_neg @ B_neg, scale, tau)
+    return d2_delta_from_products(factor_product(A_pos, B_pos), factor_product(A_neg, B_neg), scale, tau)
 
 
 def d2_unit_scale(
@@ -89,7 +90,8 @@ def d2_weight(
     detach_norm: bool = False,
 ) -> torch.Tensor:
     """``W_hat = (W0 + dW) * n(W0) / n(W0 + dW) + dW`` (paper Eq. 2-3). Differentiable (the reference path)."""
-    return d2_weight_from_products(A_pos @ B_pos, A_neg @ B_neg, w0, w0_norm, scale, tau, norm_axis, detach_norm)
+    return d2_weight_from_products(factor_product(A_pos, B_pos), factor_product(A_neg, B_neg), w0, w0_norm, scale,
+                                   tau, norm_axis, detach_norm)
 
 
 def d2_weight_from_products(pos: torch.Tensor, neg: torch.Tensor, w0: torch.Tensor, w0_norm: torch.Tensor,
@@ -152,7 +154,8 @@ class D2Rows(RowRule):
     def block(self, s, w0, tensors):
         A_pos, B_pos, A_neg, B_neg, w0_norm = tensors
         norm = w0_norm[..., s, :] if self.norm_axis == "out" else w0_norm
-        return A_pos[..., s, :] @ B_pos, A_neg[..., s, :] @ B_neg, w0.rows(s, A_pos.dtype), norm
+        return (factor_product(A_pos[..., s, :], B_pos), factor_product(A_neg[..., s, :], B_neg),
+                w0.rows(s, A_pos.dtype), norm)
 
     def rows(self, state):
         pos, neg, w0_rows, norm = state

@@ -25,6 +25,7 @@ from ..core.base_weight import as_rows
 from ..core.blocked import (DEFAULT_KERNEL, BlockedAdaptedWeight, BlockedAdapterLinear, KernelOptions, RowRule,
                              add_matmul_)
 from ..core.fused import fused
+from ..core.precision import factor_product
 
 MAGNITUDE_ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
 DIRECTION_ACTIVATIONS = ("sign", "tanh", "identity")
@@ -144,8 +145,8 @@ def dual_delta_weight(
 
     Differentiable under plain autograd (Sign through the chosen STE); this is the reference path.
     """
-    w_m = magnitude(B @ A, magnitude_activation)
-    w_d = differentiable_direction(D @ C, direction_activation, ste)
+    w_m = magnitude(factor_product(B, A), magnitude_activation)
+    w_d = differentiable_direction(factor_product(D, C), direction_activation, ste)
     return coef * (w_m * w_d)
 
 
@@ -194,7 +195,7 @@ class DualRows(RowRule):
 
     def block(self, s, w0, tensors):
         A, B, C, D, coef = tensors
-        return B[..., s, :] @ A, D[..., s, :] @ C, w0.rows(s, A.dtype), coef
+        return factor_product(B[..., s, :], A), factor_product(D[..., s, :], C), w0.rows(s, A.dtype), coef
 
     def rows(self, state):
         p, q, w0_rows, coef = state
