@@ -79,6 +79,8 @@ torch.save(out, {str(tmp_path / 'out.pt')!r})
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_float32_close(torch.load(tmp_path / "out.pt"), expected)
+    # the label names stay with the classifier (they were LABEL_0 and LABEL_1 in the merged folder)
+    assert json.loads((merged / "config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
 
 
 def test_inspect_shows_full_rank_updates(trained_run, tmp_path):
@@ -161,6 +163,10 @@ def test_config_file_with_command_line_winning(tiny_checkpoints, tiny_csv, tmp_p
 
 
 def test_bad_input_names_the_problem(tiny_checkpoints, tiny_csv, trained_run, tmp_path, capsys):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a", "label": "x"}\n{"text" "b"}\n')
+    free_text = tmp_path / "pairs.jsonl"
+    free_text.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(60)))
     cases = [
         (["train", "--method", "qlora"], "Unknown method 'qlora'; valid: "
                                          "['dual', 'd2', 'lora', 'loraplus', 'dora', 'hira', 'full']"),
@@ -179,10 +185,20 @@ def test_bad_input_names_the_problem(tiny_checkpoints, tiny_csv, trained_run, tm
          "its columns are ['text', 'other', 'label']"),
         (["train", *run_args(tiny_checkpoints, tiny_csv, trained_run)], "holds an earlier run"),
         (["compare", "--methods", "dual,vera"], "Unknown method(s) ['vera']"),
+        (["train", "--model", str(tiny_checkpoints["bert"]), "--task", "my_data.jsonl", "--text-column", "text",
+          "--label-column", "label", "--output-dir", str(tmp_path / "e")], "No such file: 'my_data.jsonl'"),
+        (["train", "--model", str(tiny_checkpoints["bert"]), "--task", str(broken), "--text-column", "text",
+          "--label-column", "label", "--output-dir", str(tmp_path / "f")],
+         "broken.jsonl, line 2: not valid JSON (column 9: Expecting ':' delimiter)"),
+        (["train", "--model", str(tiny_checkpoints["bert"]), "--task", str(free_text), "--text-column", "prompt",
+          "--label-column", "completion", "--output-dir", str(tmp_path / "g")],
+         "the label column 'completion' has 60 distinct values in 60 rows: free text, not classes"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
-        assert message in capsys.readouterr().err, (argv, message)
+        err = capsys.readouterr().err
+        assert message in err and len([line for line in err.splitlines() if "error:" in line]) == 1, (argv, err)
+    assert [d for d in "abcdefg" if (tmp_path / d).exists()] == []  # nothing written for a refused run
     assert (trained_run / "metrics.json").exists()  # the earlier run was not touched
 
 
@@ -414,3 +430,146 @@ def test_quick_runs_the_comparison_on_installed_data_and_takes_overrides(tiny_ch
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["summary"]] == ["dual", "lora"]
     assert "news-topics" in (out / "results.md").read_text() and (out / "results.png").exists()
+
+
+@pytest.mark.parametrize(("name", "middle", "end"), [("linear", 0.5, 0.0), ("cosine", 0.5, 0.0),
+                                                     ("constant", 1.0, 1.0)])
+def test_lr_scheduler_shapes_the_learning_rate_after_its_warm_up(tiny_checkpoints, tiny_csv, tmp_path, name, middle,
+                                                                 end):
+    """10 steps, 2 of linear warm-up; then at step 6 (half-way through the rest) linear and cosine decay are both at
+    half the peak, constant at the peak; at step 10 the decays reach 0."""
+    from duallora.app.train import TrainingSession, make_accelerator
+
+    cfg = RunConfig(model=str(tiny_checkpoints["bert"]), task=str(tiny_csv), text_column="text", label_column="label",
+                    output_dir=str(tmp_path), max_steps=10, lr_warmup_ratio=0.2, lr=1e-3, lr_scheduler=name,
+                    batch_size=8)
+    session = TrainingSession(cfg, make_accelerator(1, 8), tmp_path)
+    rates = []
+    for _ in range(11):
+        rates.append(session.scheduler.get_last_lr()[0] / 1e-3)
+        session.optimizer.step()
+        session.scheduler.step()
+    assert rates[1] == pytest.approx(0.5) and rates[2] == pytest.approx(1.0)
+    assert rates[6] == pytest.approx(middle) and rates[10] == pytest.approx(end, abs=1e-12)
+    with pytest.raises(ValueError, match=r"--lr-scheduler must be one of \['linear', 'cosine', 'constant'\]"):
+        RunConfig(lr_scheduler="exponential").validate()
+
+
+def test_a_run_ends_with_a_summary_of_scores_files_time_and_memory(tiny_checkpoints, tiny_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "lora", "--max-steps", "2", *run_args(tiny_checkpoints, tiny_csv, out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    tail = capsys.readouterr().err.strip().splitlines()[-4:]
+    assert tail[0].startswith("done: lora on ") and " 2 steps in 0 min " in tail[0] and "peak memory" in tail[0]
+    assert tail[1] == (f"  test accuracy {metrics['test']['accuracy']:.4f} (majority class "
+                       f"{metrics['majority_baseline']:.4f}), validation accuracy "
+                       f"{metrics['validation']['accuracy']:.4f}")
+    assert tail[2].startswith(f"  adapter: {out}   metrics: {out / 'metrics.json'}")
+    assert tail[3] == f"  next: duallora eval --adapter {out}   duallora merge --adapter {out} --output {out}-merged"
+
+
+def test_predict_labels_new_inputs_from_a_file_stdin_or_a_merged_checkpoint(trained_run, tmp_path, capsys,
+                                                                             monkeypatch):
+    """The run's classifier on new texts: the label with the largest probability, named as in the data; the same
+    from the merged checkpoint; every label's probability with --json."""
+    import io
+
+    from duallora.app.train import load_trained
+
+    texts = ["good movie, great cast", "awful plot and worse acting", "an ordinary film"]
+    model, tokenizer, _, _ = load_trained(trained_run)
+    with torch.no_grad():
+        probabilities = model.eval()(**tokenizer(texts, return_tensors="pt", padding=True)).logits.softmax(-1)
+    expected = [f"{['neg', 'pos'][int(p.argmax())]}\t{float(p.max()):.4f}\t{t}" for p, t in zip(probabilities, texts)]
+    path = tmp_path / "new.txt"
+    path.write_text("\n".join(texts) + "\n\n")
+    assert main(["predict", "--adapter", str(trained_run), "--input", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == expected
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts)))
+    assert main(["predict", "--adapter", str(trained_run), "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in records] == [line.split("\t")[0] for line in expected]
+    for record, row in zip(records, probabilities):
+        assert set(record["scores"]) == {"neg", "pos"}
+        assert record["scores"]["pos"] == pytest.approx(float(row[1]), abs=1e-6)
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(trained_run), "--output", str(merged)]) == 0
+    capsys.readouterr()
+    rows = tmp_path / "new.jsonl"
+    rows.write_text("\n".join(json.dumps({"review": t}) for t in texts))
+    assert main(["predict", "--adapter", str(merged), "--input", str(rows), "--text-column", "review"]) == 0
+    got = capsys.readouterr().out.splitlines()
+    assert [g.split("\t")[0] for g in got] == [e.split("\t")[0] for e in expected]
+    for g, e in zip(got, expected):  # the merged model: the same probabilities within float32 merge rounding
+        assert abs(float(g.split("\t")[1]) - float(e.split("\t")[1])) <= 1e-4
+    assert main(["predict", "--adapter", str(merged), "--input", str(rows)]) == 2
+    assert "name the column to classify with --text-column; its columns are ['review']" in capsys.readouterr().err
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
+                      "{% if add_generation_prompt %}assistant :{% endif %}")  # a test tokenizer's, words it knows
+
+
+@pytest.fixture(scope="module")
+def chat_adapter(tiny_checkpoints, tmp_path_factory):
+    """A Dual LoRA adapter folder on the tiny LLaMA, its tokenizer with a chat template saved beside it."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from duallora import DualLoraConfig
+
+    directory = tmp_path_factory.mktemp("chat") / "adapter"
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]),
+                           DualLoraConfig(r=4, target_modules="all-linear", warmup_steps=0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_lora_" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def greedy_answer(directory, messages, new_tokens: int) -> str:
+    """The reference: transformers' generate on the chat-templated conversation (the model loaded by peft)."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model, tokenizer = AutoPeftModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(
+        directory)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_streams_the_answer_to_the_chat_templated_prompt(chat_adapter, capsys):
+    expected = greedy_answer(chat_adapter, [{"role": "user", "content": "good movie"}], 8)
+    assert expected.strip()
+    assert main(["generate", "--adapter", str(chat_adapter), "--prompt", "good movie", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_chat_answers_each_line_with_the_conversation_so_far_through_a_pipe(chat_adapter):
+    """The terminal driven through a pipe: two turns, then an empty line ends the chat; the second answer is the
+    model's to the whole conversation (history kept)."""
+    result = subprocess.run([sys.executable, "-m", "duallora", "chat", "--adapter", str(chat_adapter),
+                             "--max-new-tokens", "6"], input="good movie\nbad plot\n\nignored\n", text=True,
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second = result.stdout.splitlines()
+    messages = [{"role": "user", "content": "good movie"}]
+    assert first == greedy_answer(chat_adapter, messages, 6)
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "bad plot"}]
+    assert second == greedy_answer(chat_adapter, messages, 6)
+    assert "an empty line or /exit ends it" in result.stderr
+
+
+def test_generate_and_chat_refuse_a_classifier_naming_predict(trained_run, capsys):
+    assert main(["generate", "--adapter", str(trained_run), "--prompt", "hi"]) == 2
+    assert "is a classifier" in capsys.readouterr().err

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from duallora.app.catalog import fetchable, markdown
+from duallora.app.catalog import fetchable, markdown, sft_split
 from duallora.app.tasks import load_task, majority_baseline, registry
+from duallora.app.tasks.chat import SFT_DATASETS
 from duallora.app.tasks.olmo_eval import COMMONSENSE
 from duallora.app.tasks.sources import index_listing
 
@@ -26,6 +27,7 @@ SPLITS = {  # train, validation, test
     "commonsense": (13823, 1970, 3947),
 }
 SOURCES = {id(info.source): info.source for info in registry().values() if fetchable(info)}
+SOURCES.update({id(data.source): data.source for data in SFT_DATASETS.values()})
 
 
 def test_every_shipped_task_is_checked_here():
@@ -97,3 +99,11 @@ def test_an_encoder_trains_on_a_glue_task(tiny_checkpoints, tmp_path):
                  "--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_examples"] == 55 and metrics["majority_baseline"] == pytest.approx(29 / 55)
+
+
+def test_the_sft_demo_data_reads_its_999_alpaca_examples():
+    train, validation = sft_split("alpaca-demo")
+    assert (len(train), len(validation)) == (900, 99)
+    for record in train + validation:
+        assert [t["role"] for t in record["prompt"] + record["completion"]] == ["user", "assistant"]
+        assert record["prompt"][0]["content"].strip() and record["completion"][0]["content"].strip()

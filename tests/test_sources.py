@@ -160,12 +160,14 @@ def test_bigbench_without_its_archive_names_what_stands_in(env, capsys):
 
 def test_duallora_data_lists_every_task_and_what_is_here(env, capsys):
     from duallora.app.tasks import task_names
+    from duallora.app.tasks.chat import SFT_DATASETS
 
     assert main(["data"]) == 0
     out = capsys.readouterr().out
     header, *lines = out.splitlines()[:-1]
     rows = {line.split()[0]: line for line in lines}
-    assert sorted(rows) == task_names()
+    assert sorted(rows) == sorted(task_names() + list(SFT_DATASETS))  # the SFT data sets after the tasks
+    assert rows["alpaca-demo"].split()[1] == "sft"
     here = header.index("here?")
     assert rows["news-topics"][here:here + 5].strip() == "yes"  # installed
     assert rows["rte"][here:here + 5].strip() == "no"  # the cache is empty here

@@ -2,6 +2,7 @@
 readers of the real sources are checked on the real files in tests/test_real_sources.py."""
 
 import json
+import re
 
 import pytest
 from conftest import sentiment_rows
@@ -73,6 +74,40 @@ def test_missing_columns_list_the_columns_the_file_has(tiny_csv):
         load_task(str(tiny_csv), text_column="sentence", label_column="label")
     with pytest.raises(ValueError, match=r"needs --text-column and --label-column.*\['text', 'other', 'label'\]"):
         load_task(str(tiny_csv))
+
+
+def test_a_free_text_label_column_is_refused_pointing_to_sft(tmp_path):
+    """--label-column completion used to train a classifier of one class per distinct completion (157 of 200), scored
+    0, exit 0."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": f"answer {i % 157}"}) for i in range(200)))
+    with pytest.raises(ValueError, match=r"pairs.jsonl: the label column 'completion' has 157 distinct values in 200 "
+                                         r"rows: free text, not classes.*drop --text-column and --label-column"):
+        load_task(str(path), text_column="prompt", label_column="completion")
+    few = tmp_path / "few.jsonl"  # 12 rows of 12 classes: too few rows to call it free text
+    few.write_text("\n".join(json.dumps({"text": f"t{i}", "label": f"c{i}"}) for i in range(12)))
+    assert len(load_task(str(few), text_column="text", label_column="label").label_names) == 12
+
+
+def test_bad_files_stop_with_the_file_the_line_and_the_problem(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a", "label": "x"}\n\n{"text": "b", "label": }\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl, line 3: not valid JSON \(column 24: Expecting value\)"):
+        load_task(str(broken), text_column="text", label_column="label")
+    whole = tmp_path / "broken.json"
+    whole.write_text('[{"text": "a",\n "label": ]')
+    with pytest.raises(ValueError, match=r"broken.json: not valid JSON \(line 2, column 11: Expecting value\)"):
+        load_task(str(whole), text_column="text", label_column="label")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty.csv is empty"):
+        load_task(str(empty), text_column="text", label_column="label")
+
+
+@pytest.mark.parametrize("name", ["my_data.jsonl", "./data/train.csv", "data/train.json"])
+def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(name):
+    with pytest.raises(ValueError, match=rf"No such file: '{re.escape(name)}' \(from .*\)\. Check the path"):
+        load_task(name, text_column="text", label_column="label")
 
 
 def test_unknown_task_lists_the_valid_names():

@@ -10,7 +10,7 @@ from conftest import model_output, tiny_bert, tiny_llama
 from peft import PeftModel, get_peft_model
 
 from duallora import DualLoraConfig, set_warmup_step, warmup_steps_taken
-from duallora.dual.warmup import FrozenWarmupWarning, frozen_clock_passes
+from duallora.dual.warmup import FrozenWarmupWarning, WarmingUpWarning, frozen_clock_passes
 
 
 def dual(model=None, warmup_steps=2, **kw):
@@ -210,3 +210,35 @@ def test_a_working_clock_never_warns(inputs):
         warnings.simplefilter("error", FrozenWarmupWarning)
         train(model, updater, inputs, updates=frozen_clock_passes(2) // 2 + 1, micro_batches=2)
     assert warmup_steps_taken(model) == frozen_clock_passes(2) // 2 + 1
+
+
+def warming_up_warnings(action) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return [str(w.message) for w in caught if issubclass(w.category, WarmingUpWarning)]
+
+
+def test_saving_merging_or_evaluating_before_the_warm_up_ends_warns_with_lam_t(tmp_path, inputs):
+    """A 3-step run with warmup_steps=10 leaves dW at 0.3 of its trained size: each of save, merge and evaluate says
+    so once per adapter; a finished warm-up, and an evaluation before any training, say nothing."""
+    model = dual(warmup_steps=10)
+    optimizer = torch.optim.SGD(trainable(model), lr=1e-2)
+    assert warming_up_warnings(lambda: model.eval()) == []  # t = 0, not trained yet: the base model, as expected
+    for _ in range(3):
+        model.train()
+        model(input_ids=inputs, labels=inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    lam = "at warm-up step 3 of 10: its update dW is scaled by lam_t = min(1, t / warmup_steps) = 0.30"
+    for action, verb in ((lambda: model.eval(), "evaluated"), (lambda: model.save_pretrained(tmp_path), "saved"),
+                         (lambda: model.merge_adapter(), "merged")):
+        assert warming_up_warnings(action) == [f"Dual LoRA adapter 'default' {verb} {lam}. Train at least "
+                                               "warmup_steps=10 optimizer steps, or give the adapter a smaller "
+                                               "warmup_steps for a short run."]
+    model.unmerge_adapter()
+    set_warmup_step(model, 10)
+    assert warming_up_warnings(lambda: (model.eval(), model.save_pretrained(tmp_path),
+                                        model.merge_and_unload())) == []
+    fresh = dual(warmup_steps=10)
+    assert "at warm-up step 0 of 10" in warming_up_warnings(lambda: fresh.save_pretrained(tmp_path / "f"))[0]

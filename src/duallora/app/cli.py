@@ -19,6 +19,7 @@ from pathlib import Path
 from .experiments import DEFAULT_RUNS_DIR
 from .suite import RunFailed
 from .run_config import METHODS, RunConfig, flag
+from .tasks.chat import SFT_DATASETS
 
 # The embedded default compare: about 12 minutes on 2 cores (docs/cli.md says what it measured); 300 steps, scored
 # once at the end (400 steps with a mid-run evaluation took 16 minutes)
@@ -54,8 +55,10 @@ def task_names_by_availability() -> list[str]:
 HELP = {
     "method": f"fine-tuning method: one of {list(METHODS)}",
     "model": "'minilm', 'smollm2', a local checkpoint directory, or a hub id (online)",
-    "task": "a named task, or a .csv/.json/.jsonl file (with --text-column, --label-column); `duallora data` lists "
-            "the tasks with their sources: " + ", ".join(task_names_by_availability()),
+    "task": "a named task, or a .csv/.json/.jsonl file (a classifier with --text-column, --label-column; without "
+            "them, instruction or chat data for SFT on a causal LM); `duallora data` lists the tasks with their "
+            "sources: " + ", ".join(task_names_by_availability()) + "; instruction data for SFT: "
+            + ", ".join(SFT_DATASETS),
     "output_dir": "where the run writes its adapter, metrics.json, plot and checkpoints",
     "r": "rank budget, the same for every method (Dual LoRA: r1 + r2; D2-LoRA at r holds LoRA at 2r's parameters, "
          "compare with lora-2r); also --r, "
@@ -70,12 +73,17 @@ HELP = {
     "gradient_checkpointing": "recompute activations in backward to save memory",
     "eval_every": "evaluate on the validation split every N steps", "save_every": "checkpoint every N steps",
     "lr_warmup_ratio": "fraction of steps of linear learning-rate warm-up", "weight_decay": "AdamW weight decay",
+    "lr_scheduler": "learning rate after the warm-up: 'linear' or 'cosine' decay to 0, or 'constant'",
     "target_modules": "modules to adapt: 'all-linear' or a comma-free regex", "dropout": "lora_dropout",
     "target_parameters": "parameters to adapt that a module reads itself, comma-separated: MoE experts held as 3-D "
                          "stacks, e.g. gate_up_proj,down_proj (dual, d2, lora, loraplus; with dropout 0)",
     "max_train_examples": "use at most N training examples", "max_eval_examples": "score at most N examples",
     "text_column": "data file: the text column", "text_pair_column": "data file: a second text column (pairs)",
-    "label_column": "data file: the label column",
+    "label_column": "data file: the label column (a classifier); without it, a causal LM fine-tunes on an "
+                    "instruction or chat file (messages, prompt/completion, alpaca, text)",
+    "eval_file": "SFT: a validation file of its own (default: 10 %% of the training file held out)",
+    "packing": "SFT: pack several examples into each --max-length sequence",
+    "all_tokens": "SFT: the loss on every token, not only the completion",
     "r1": "Dual LoRA: magnitude rank", "r2": "Dual LoRA: direction rank",
     "warmup_steps": "Dual LoRA: optimizer steps of the dW warm-up (0: off)",
     "ste": "Dual LoRA: 'clip', 'identity' or 'hardtanh'",
@@ -139,13 +147,15 @@ def run_config(args: argparse.Namespace, drop: tuple[str, ...] = (), base: dict 
 def cmd_train(args) -> None:
     from .process import end_process_group
     from .run_config import saved_run_config
-    from .train import train
+    from .train import run_summary, train
 
     drop = ("resume", "overwrite")
     cfg = run_config(args, drop)
     if args.resume:  # what was not given is the saved run's, not the defaults: only given flags count as changes
         cfg = run_config(args, drop, base=saved_run_config(cfg.output_dir))
-    train(cfg, resume=args.resume, overwrite=args.overwrite)
+    metrics = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process of a launch
+        print(run_summary(metrics, Path(cfg.output_dir)), file=sys.stderr)
     end_process_group()
 
 
@@ -154,6 +164,10 @@ def cmd_eval(args) -> None:
     from .train import load_trained
 
     model, tokenizer, task, cfg = load_trained(args.adapter, task=args.task)
+    if task.kind == "sft":
+        raise ValueError(f"{args.adapter} is an SFT run: its validation loss and perplexity, against the base "
+                         "model's, are in metrics.json, and sample answers in generations.jsonl; try it with "
+                         f"`duallora chat --adapter {args.adapter}`.")
     examples = task.split(args.split)[: args.max_examples]
     scores = {"unmerged": evaluate(model, tokenizer, task, examples, cfg.max_length, progress=args.split)}
     if args.merged and cfg.method != "full":
@@ -215,6 +229,36 @@ def cmd_merge(args) -> None:
 
     atomic_dir(out, write)  # a failed merge never leaves a half checkpoint at --output
     print(f"Merged {cfg.method} adapter into {type(plain).__name__}; saved to {out} (loads without duallora).")
+
+
+def cmd_predict(args) -> None:
+    from .predict import class_probabilities, load_classifier, prediction_lines, read_inputs
+
+    inputs = read_inputs(args.input, args.text_column, args.text_pair_column)  # bad input stops before the model
+    model, tokenizer, labels, max_length = load_classifier(Path(args.adapter))
+    probabilities = class_probabilities(model, tokenizer, inputs, max_length, args.batch_size)
+    print("\n".join(prediction_lines(inputs, probabilities, labels, args.json)))
+
+
+def cmd_generate(args) -> None:
+    from .generate import load_generator, no_template_note, reply
+
+    text = args.prompt if args.prompt is not None else sys.stdin.read().strip()
+    if not text:
+        raise ValueError("No prompt: pass --prompt TEXT, or the prompt on standard input.")
+    model, tokenizer = load_generator(Path(args.adapter))
+    if no_template_note(tokenizer):
+        print(no_template_note(tokenizer), file=sys.stderr)
+    reply(model, tokenizer, [{"role": "user", "content": text}], args.max_new_tokens, args.temperature, sys.stdout)
+
+
+def cmd_chat(args) -> None:
+    from .generate import chat, load_generator, no_template_note, stdin_line
+
+    model, tokenizer = load_generator(Path(args.adapter))
+    print(f"chat with {args.adapter}: an empty line or /exit ends it, /reset starts afresh"
+          + (f"; {no_template_note(tokenizer)}" if no_template_note(tokenizer) else ""), file=sys.stderr)
+    chat(model, tokenizer, stdin_line, sys.stdout, args.max_new_tokens, args.temperature, args.system)
 
 
 def cmd_inspect(args) -> None:
@@ -299,6 +343,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     add_run_options(p, exclude=("method", "seed"))
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("predict", help="a trained classifier on new inputs: labels with their probabilities")
+    p.add_argument("--adapter", required=True, help="output directory of `duallora train`, or a merged checkpoint")
+    p.add_argument("--input", help="a .csv/.json/.jsonl file (with --text-column), or a text file of one input per "
+                                   "line (default: standard input)")
+    p.add_argument("--text-column", help="the column to classify in a .csv/.json/.jsonl file")
+    p.add_argument("--text-pair-column", help="a second text column (pair tasks)")
+    p.add_argument("--batch-size", type=int, default=32, help="inputs per forward (default: 32)")
+    p.add_argument("--json", action="store_true", help="one JSON object per input, with every label's probability")
+    p.set_defaults(func=cmd_predict)
+
+    for name, summary in (("generate", "a trained causal LM answers one prompt, streamed"),
+                          ("chat", "a conversation with a trained causal LM on the terminal, streamed")):
+        p = sub.add_parser(name, help=summary)
+        p.add_argument("--adapter", required=True, help="output directory of `duallora train`, an adapter folder, "
+                                                        "or a merged checkpoint")
+        if name == "generate":
+            p.add_argument("--prompt", help="the prompt (default: standard input)")
+        else:
+            p.add_argument("--system", help="a system message to start the conversation with")
+        p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default: 256)")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
+        p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
 
     p = sub.add_parser("merge", help="write a plain transformers checkpoint with the adapter merged in")
     p.add_argument("--adapter", required=True, help="output directory of `duallora train`")

@@ -105,15 +105,19 @@ def quantization_config(quantize: str | None, compute_dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_model(path: Path, kind: str, num_labels: int | None, tokenizer, quantization=None):
-    """The right head for the task kind: sequence classification, or a causal LM for choices and generation;
+def load_model(path: Path, kind: str, label_names: list[str] | None, tokenizer, quantization=None):
+    """The right head for the task kind: sequence classification (its config naming the labels, so that a saved or
+    merged classifier says ``positive``, not ``LABEL_2``), or a causal LM for choices and generation;
     ``quantization`` (a BitsAndBytesConfig) loads the base quantized."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     extra = {} if quantization is None else {"quantization_config": quantization}
     try:
         if kind == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
+            names = list(label_names or [])
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=len(names), id2label=dict(enumerate(names)),
+                label2id={name: i for i, name in enumerate(names)}, **extra)
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool at the last non-pad token
             return model
         config = AutoConfig.from_pretrained(path)

@@ -13,6 +13,8 @@ METHODS = ("dual", "d2", "lora", "loraplus", "dora", "hira", "full")
 ADAPTER_METHODS = tuple(m for m in METHODS if m != "full")
 PARAMETER_METHODS = ("dual", "d2", "lora", "loraplus")  # those that take target_parameters
 QUANTIZATIONS = ("4bit", "8bit")
+# the learning-rate schedule after its linear warm-up, by transformers' scheduler names
+LR_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 # What may change when a run is resumed: its step budget and its evaluation and checkpoint cadence. Anything else
@@ -53,6 +55,7 @@ class RunConfig:
     eval_every: Optional[int] = None
     save_every: Optional[int] = None
     lr_warmup_ratio: float = 0.06
+    lr_scheduler: str = "linear"  # after the warm-up: "linear" decay to 0, "cosine" decay to 0, or "constant"
     weight_decay: float = 0.0
     target_modules: str = "all-linear"
     target_parameters: Optional[str] = None  # comma-separated on the command line; a list in a config file
@@ -62,6 +65,10 @@ class RunConfig:
     text_column: Optional[str] = None
     text_pair_column: Optional[str] = None
     label_column: Optional[str] = None
+    # instruction and chat data (SFT: a data file without --label-column, on a causal LM)
+    eval_file: Optional[str] = None  # None: a share of the training file is held out
+    packing: bool = False
+    all_tokens: bool = False  # the loss on every token, not only the completion
     # method options (None: the method's default)
     r1: Optional[int] = None
     r2: Optional[int] = None
@@ -85,6 +92,8 @@ class RunConfig:
         if self.quantize is not None and self.method == "full":
             raise ValueError("--quantize freezes the base in 4 or 8 bits, which full fine-tuning would train: choose "
                              f"an adapter method ({', '.join(ADAPTER_METHODS)}) or drop --quantize.")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"--lr-scheduler must be one of {list(LR_SCHEDULERS)}; got {self.lr_scheduler!r}.")
         if self.loraplus_lr_ratio is not None and self.method != "loraplus":
             raise ValueError(f"--loraplus-lr-ratio sets LoRA+'s learning rate of B; --method is {self.method!r}. "
                              "Use --method loraplus, or drop the flag.")

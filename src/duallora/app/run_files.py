@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Optional
 
 from ..core.atomic import atomic_dir, atomic_write_text, follow_umask
 
-__all__ = ["atomic_dir", "atomic_write_text", "latest_checkpoint", "prepare_output_dir", "publish_weights"]
+__all__ = ["atomic_dir", "atomic_write_text", "check_output_dir", "latest_checkpoint", "prepare_output_dir",
+           "publish_weights"]
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
@@ -21,8 +22,8 @@ RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "model.safetens
              "metrics.json", "run_config.json", "training.png", "checkpoints")
 
 
-def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool, accelerator) -> Path:
-    """Check (every process, so that all raise alike) and clear (the main process only) the output directory."""
+def check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> list[str]:
+    """The files of an earlier run in the output directory; raise unless the run resumes or replaces it."""
     out = Path(cfg.output_dir)
     earlier = [name for name in RUN_FILES if (out / name).exists()]
     if earlier and not (resume or overwrite):
@@ -30,6 +31,13 @@ def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool, accelerato
             f"{out} holds an earlier run ({', '.join(earlier)}). Pass --resume to continue it or --overwrite to "
             "replace it."
         )
+    return earlier
+
+
+def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool, accelerator) -> Path:
+    """Check (every process, so that all raise alike) and clear (the main process only) the output directory."""
+    out = Path(cfg.output_dir)
+    earlier = check_output_dir(cfg, resume, overwrite)
     if accelerator.is_main_process:
         if overwrite and not resume:
             for name in earlier:

@@ -31,13 +31,18 @@ from .process import (
     rng_state,
     set_rng_state,
 )
-from .run_config import RunConfig, adapter_config, resumed_config, saved_run_config
+from .run_config import LR_SCHEDULERS, RunConfig, adapter_config, resumed_config, saved_run_config
 from .run_config import optimizer as make_optimizer
-from .run_files import atomic_dir, atomic_write_text, latest_checkpoint, prepare_output_dir, publish_weights
+from .run_files import (atomic_dir, atomic_write_text, check_output_dir, latest_checkpoint, prepare_output_dir,
+                        publish_weights)
 from .tasks import Task, load_task, majority_baseline
 
 
 def load_run_task(cfg: RunConfig) -> Task:
+    from .sft import is_sft_run, sft_task
+
+    if is_sft_run(cfg):
+        return sft_task(cfg)
     return load_task(cfg.task, text_column=cfg.text_column, label_column=cfg.label_column,
                      text_pair_column=cfg.text_pair_column)
 
@@ -62,7 +67,7 @@ def base_parts(cfg: RunConfig, model_path: Optional[Path] = None, task: Optional
     tokenizer = load_tokenizer(path)
     torch.manual_seed(cfg.seed)  # the head and the adapter init depend on the seed only
     quantization = quantization_config(cfg.quantize, torch.bfloat16 if cfg.bf16 else torch.float32)
-    model = load_model(model_path or path, task.kind, len(task.label_names or []) or None, tokenizer, quantization)
+    model = load_model(model_path or path, task.kind, task.label_names, tokenizer, quantization)
     return model, tokenizer, task
 
 
@@ -105,7 +110,7 @@ class TrainingSession:
     ``state`` dict that checkpoints save (step, micro-batch, losses, evaluations, times)."""
 
     def __init__(self, cfg: RunConfig, accelerator, out: Path, task: Optional[Task] = None):
-        from transformers import get_linear_schedule_with_warmup
+        from transformers import get_scheduler
 
         self.cfg, self.accelerator, self.out = cfg, accelerator, out
         self.progress = accelerator.is_main_process  # progress bars (train() may turn them off)
@@ -125,8 +130,9 @@ class TrainingSession:
         optimizer = make_optimizer(self.model, cfg.method, cfg.learning_rate, cfg.weight_decay, cfg.lr_ratio)
         # the scheduler stays ours: accelerate's wrapper steps it once per process per step (it assumes per-process
         # step counts), while total_steps here counts global optimizer steps
-        self.scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.lr_warmup_ratio * self.total_steps),
-                                                         self.total_steps)
+        self.scheduler = get_scheduler(LR_SCHEDULERS[cfg.lr_scheduler], optimizer,
+                                       num_warmup_steps=int(cfg.lr_warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         # wall and process CPU time, each of optimisation and of evaluation: on a shared machine the wall time
         # grows with other work, the CPU time counts this run's own threads (the report shows both)
@@ -300,6 +306,15 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     across processes, and only the main process writes files and shows progress."""
     from tqdm.auto import tqdm
 
+    from .sft import is_sft_run, train_sft
+
+    if is_sft_run(cfg):
+        return train_sft(cfg, resume, overwrite, progress)
+    sft_only = [flag for flag, value in (("--eval-file", cfg.eval_file), ("--packing", cfg.packing),
+                                         ("--all-tokens", cfg.all_tokens)) if value]
+    if sft_only:
+        raise ValueError(f"{', '.join(sft_only)}: for SFT runs (instruction or chat data, no --label-column); "
+                         f"{cfg.task} is not one.")
     cfg.validate()
     saved = saved_run_config(cfg.output_dir) if resume else None
     resume_notes = []
@@ -312,8 +327,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     if warning and accelerator.is_main_process:
         print(warning, file=sys.stderr)  # before the model loads: a user can stop a run that would take hours
     task = load_run_task(cfg)  # before the output folder is touched: bad data leaves nothing behind
+    check_output_dir(cfg, resume, overwrite)  # an earlier run is refused before a model loads
+    session = TrainingSession(cfg, accelerator, Path(cfg.output_dir), task)  # a bad model or setting stops here
     out = prepare_output_dir(cfg, resume, overwrite, accelerator)
-    session = TrainingSession(cfg, accelerator, out, task)
     session.progress = progress and accelerator.is_main_process
     if accelerator.distributed_type.name == "FSDP" and (cfg.save_every or resume):
         raise ValueError("Checkpoints (--save-every, --resume) are not supported under FSDP yet: the optimizer state "
@@ -348,6 +364,32 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         raise
     bar.close()
     return session.finish(trainable, total)
+
+
+def run_summary(metrics: dict, out: Path) -> str:
+    """The one-screen end of a run: the scores against the majority class, where the files are, time and memory,
+    and the commands that use the result."""
+    metric = metrics["primary_metric"]
+    test, validation = metrics["test"].get(metric), metrics["validation"].get(metric)
+    base = metrics.get("base_validation", {}).get(metric)  # an SFT run: the base model's validation loss
+    minutes, seconds = divmod(round(metrics["train_seconds"]), 60)
+    majority = metrics.get("majority_baseline")
+    against = f" (majority class {majority:.4f})" if isinstance(majority, float) else ""
+    scores = f"test {metric} {test:.4f}{against}" if isinstance(test, float) else ""
+    if isinstance(validation, float):
+        scores += (", " if scores else "") + f"validation {metric} {validation:.4f}"
+        if isinstance(base, float):
+            scores += f" (base model {base:.4f})"
+    scores = scores or "no score"
+    weights = "model" if metrics["method"] == "full" else "adapter"
+    return "\n".join([
+        f"done: {metrics['method']} on {metrics['model']} / {metrics['task']}, {metrics['steps']} steps in "
+        f"{minutes} min {seconds} s of training, peak memory {metrics['peak_memory_mib']:.0f} MiB",
+        f"  {scores}",
+        f"  {weights}: {out}   metrics: {out / 'metrics.json'}   plot: {out / 'training.png'}",
+        f"  next: duallora {'chat' if metrics['task_kind'] == 'sft' else 'eval'} --adapter {out}   "
+        f"duallora merge --adapter {out} --output {out}-merged",
+    ])
 
 
 def _fmt(scores: dict) -> str:

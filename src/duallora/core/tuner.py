@@ -197,7 +197,7 @@ class AdaptedWeightTuner(BaseTuner):
         ``safe_serialization=False`` silently writes rank 0's shard as the adapter."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         sharded = [key for key, value in selected.items() if isinstance(value, DTensor)]
-        if sharded and _called_by_save_pretrained():  # raise, not gather: full_tensor() is a collective, and a save
+        if sharded and called_by_save_pretrained():  # raise, not gather: full_tensor() is a collective, and a save
             # on rank 0 alone would hang
             raise ValueError(
                 f"save_pretrained got the adapter of a sharded (FSDP2) model: {len(sharded)} entries such as "
@@ -327,7 +327,7 @@ def _refuse_new_factors_into_a_merge(tuner, state_dict, prefix, *args) -> None:
                 )
 
 
-def _called_by_save_pretrained(depth: int = 8) -> bool:
+def called_by_save_pretrained(depth: int = 10) -> bool:
     """Whether ``PeftModel.save_pretrained`` is among the callers: it writes the file as soon as
     ``get_peft_model_state_dict`` returns, with no hook of the tuner's in between."""
     frame = sys._getframe(1)

@@ -3,10 +3,11 @@
 import dataclasses
 
 from ..core.combine import refuse
-from ..core.tuner import AdaptedWeightTuner
+from ..core.tuner import AdaptedWeightTuner, called_by_save_pretrained
 from .layer import DualLoraLayer
 from .param_wrapper import ParamWrapper
 from .maths import POSITIVELY_HOMOGENEOUS_MAGNITUDES
+from .warmup import warn_if_warming_up
 
 
 class DualLoraModel(AdaptedWeightTuner):
@@ -16,6 +17,28 @@ class DualLoraModel(AdaptedWeightTuner):
     tuner_layer_cls = DualLoraLayer
     param_wrapper_cls = ParamWrapper
     method_title = "Dual LoRA"
+
+    # ------------------------------------------------------------------ before the warm-up ends: say so
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        warn_if_warming_up(self.model, "merged", adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            warn_if_warming_up(self.model, "merged", adapter_names)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
+
+    def train(self, mode: bool = True):
+        if not mode:  # model.eval(): what Trainer.evaluate and every evaluation loop call first
+            warn_if_warming_up(self.model, "evaluated", started_only=True)
+        return super().train(mode)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        if called_by_save_pretrained():
+            warn_if_warming_up(model, "saved", [adapter_name])
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
     def combined_config(self, configs, weights, combination_type):
         """One adapter times a weight (``dual_weighted_factors``); its config, and its warm-up clock (copied).

@@ -131,6 +131,35 @@ def _warn_frozen(adapter_name: str, passes: int, warmup_steps: int) -> None:
             clock.watching = False
 
 
+class WarmingUpWarning(UserWarning):
+    """A Dual LoRA adapter is saved, merged or evaluated before its warm-up ends: its update is ``lam_t < 1`` of
+    what training is heading for (0 at ``t = 0``)."""
+
+
+def warn_if_warming_up(model: nn.Module, action: str, adapter_names=None, started_only: bool = False) -> None:
+    """One warning per adapter of ``model`` whose clock has not reached ``warmup_steps`` as it is ``action``
+    (saved, merged, evaluated), giving ``lam_t``: a short run with the default warm-up would otherwise save or merge
+    an adapter whose update is a fraction of the trained one, or 0, silently. ``started_only``: not at ``t = 0`` (an
+    evaluation before training, of the base model, is expected)."""
+    clocks = {}
+    for layer in model.modules():
+        for name, clock in getattr(layer, "warmup_clocks", {}).items():
+            if name not in clocks and (adapter_names is None or name in adapter_names):
+                clocks[name] = clock
+    for name, clock in clocks.items():
+        clock.sync()
+        t, total = int(clock.step), clock.warmup_steps  # one host sync per adapter, outside any forward
+        if total <= 0 or t >= total or (started_only and t == 0):
+            continue
+        base = ", so dW = 0 and the model is the base model" if t == 0 else ""
+        warnings.warn(
+            f"Dual LoRA adapter {name!r} {action} at warm-up step {t} of {total}: its update dW is scaled by "
+            f"lam_t = min(1, t / warmup_steps) = {t / total:.2f}{base}. Train at least warmup_steps={total} "
+            "optimizer steps, or give the adapter a smaller warmup_steps for a short run.",
+            WarmingUpWarning, stacklevel=3,
+        )
+
+
 def sync_before_state_dict(layer: nn.Module, prefix: str, keep_vars: bool) -> None:
     """``state_dict`` pre-hook: a hand-written update since the last forward is counted before the clock is saved."""
     for clock in layer.warmup_clocks.values():

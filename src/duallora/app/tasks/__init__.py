@@ -176,7 +176,7 @@ def load_task(name: str, **file_options) -> Task:
     tasks that can stand in for it."""
     from pathlib import Path
 
-    from .files import load_file_task, load_hub_task
+    from .files import SUFFIXES, load_file_task, load_hub_task
     from .sources import SourceUnavailable
 
     tasks = registry()
@@ -187,6 +187,9 @@ def load_task(name: str, **file_options) -> Task:
             raise SourceUnavailable(unavailable_message(tasks[name], str(err), tasks)) from None
     if Path(name).is_file():
         return load_file_task(name, **file_options)
+    if Path(name).suffix.lower() in SUFFIXES or name.startswith((".", "/", "~")):  # a path, not a hub id
+        raise ValueError(f"No such file: {name!r} (from {Path.cwd()}). Check the path, or pass a task name: "
+                         f"{task_names()}.")
     if "/" in name and not Path(name).exists():
         return load_hub_task(name, **file_options)
     raise ValueError(

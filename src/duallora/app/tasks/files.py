@@ -12,21 +12,53 @@ from . import Example, Task, deterministic_split
 SUFFIXES = (".csv", ".json", ".jsonl")
 
 
+# a label column with more distinct values than this, or unique in most rows, is free text, not classes
+MAX_CLASSES = 100
+UNIQUE_SHARE = 0.5
+
+
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a CSV (with a header), a JSON list of objects (or {"data": [...]}) or a JSON-lines file."""
+    """Rows of a CSV (with a header), a JSON list of objects (or {"data": [...]}) or a JSON-lines file; a file that
+    cannot be read stops with its name, the line and the parser's message."""
     suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {list(SUFFIXES)}.")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{path} is empty.")
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(text.splitlines()))
     if suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data.get("data", data.get("examples")) if isinstance(data, dict) else data
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of objects (or an object with a 'data' list).")
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                rows.append(_json(line, f"{path}, line {number}"))
         return rows
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {list(SUFFIXES)}.")
+    data = _json(text, str(path))
+    rows = data.get("data", data.get("examples")) if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of objects (or an object with a 'data' list).")
+    return rows
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        line = f"line {err.lineno}, " if "line" not in where else ""
+        raise ValueError(f"{where}: not valid JSON ({line}column {err.colno}: {err.msg}).") from None
+
+
+def check_label_column(name: str, rows: list[dict], label_column: str, label_names: list[str]) -> None:
+    """Refuse a label column that holds free text (most values unique, or more classes than MAX_CLASSES): trained
+    as classes, each distinct text would become a class of its own, and the score is 0."""
+    if len(label_names) > MAX_CLASSES or (len(rows) >= 20 and len(label_names) > UNIQUE_SHARE * len(rows)):
+        raise ValueError(
+            f"{name}: the label column {label_column!r} has {len(label_names)} distinct values in {len(rows)} "
+            "rows: free text, not classes (duallora trains a classifier on --label-column). To fine-tune a causal "
+            "LM on prompts and completions (SFT), drop --text-column and --label-column (docs/cli.md lists the "
+            f"formats); to classify, name a column of at most {MAX_CLASSES} classes."
+        )
 
 
 def rows_to_task(name: str, rows: list[dict], text_column: str, label_column: str,
@@ -40,6 +72,7 @@ def rows_to_task(name: str, rows: list[dict], text_column: str, label_column: st
         if column is not None and column not in columns:
             raise ValueError(f"{name} has no column {column!r} (from {flag}); its columns are {columns}.")
     label_names = sorted({str(row[label_column]) for row in rows})
+    check_label_column(name, rows, label_column, label_names)
     if len(label_names) < 2:
         raise ValueError(f"{name}: the label column {label_column!r} has fewer than 2 distinct values.")
     examples = [Example(str(row[text_column]), text_pair=str(row[text_pair_column]) if text_pair_column else None,
