@@ -15,6 +15,8 @@ SECTIONS = [
     ("Training step, SmolLM2-135M, bf16 autocast", "train_step_smollm2_bf16"),
     ("Training step, SmolLM2-135M on a 4-bit NF4 base: QLoRA, QDoRA, QDual, QD2", "train_step_smollm2_fp32_4bit"),
     ("Training step, MiniLM, float32", "train_step_minilm_fp32"),
+    ("SFT step through TRL's SFTTrainer, SmolLM2-135M, packed 512-token sequences (benchmarks/sft_step.py)",
+     "sft_step_smollm2"),
     ("One layer, against the cost model", "one_layer"),
     ("Large layers in row blocks (LLaMA-7B MLP shapes)", "large_layer"),
     ("Inference, SmolLM2-135M", "inference_smollm2"),

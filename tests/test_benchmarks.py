@@ -24,6 +24,21 @@ def test_train_step_harness_runs_and_checks_targets(tmp_path):
     assert "| target | measured | holds |" in (tmp_path / "train_step_tiny_fp32.md").read_text()
 
 
+@pytest.mark.slow  # three child processes through TRL's SFTTrainer (about 40 s here)
+def test_sft_step_harness_times_trainer_steps_on_packed_alpaca(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sft_step.py"), "--model", "tiny", "--steps", "2",
+           "--max-length", "64", "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "sft_step_tiny.json").read_text())
+    assert [r["method"] for r in payload["results"]] == ["lora", "dual", "d2"]
+    for r in payload["results"]:  # the two steps after the warm-up one, each 2 packed sequences of 64 tokens
+        assert len(r["all_step_seconds"]) == 2 and r["step_seconds"] > 0 and r["peak_mib"] > 0
+        assert r["tokens_per_step"] == 128
+    table = (tmp_path / "sft_step_tiny.md").read_text()
+    assert "| lora | 32,768 | " in table and " | 1.00x | " in table and (tmp_path / "sft_step_tiny.png").exists()
+
+
 def test_one_layer_and_inference_harnesses_run(tmp_path):
     for script, args, produced in (
         ("one_layer.py", ["--shapes", "64x48", "--tokens", "32", "--repeats", "1"], "one_layer.json"),

@@ -1,5 +1,6 @@
 """The command line end to end on tiny local checkpoints and generated data, in temporary directories."""
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -293,6 +294,80 @@ def test_resume_honours_a_new_step_budget_and_cadence(tiny_checkpoints, tiny_csv
     assert resumed["config"]["lr"] == 5e-3 and resumed["config"]["max_steps"] == 6
 
 
+def test_an_auto_warm_up_is_fitted_to_the_run_and_kept_when_a_resume_changes_the_budget(tiny_checkpoints, tiny_csv,
+                                                                                       tmp_path, capsys):
+    """No --warmup-steps: a 20-step run ramps over ceil(20 / 10) = 2 steps; resumed to 60 steps (which alone would
+    fit 6), it keeps the 2 it started with, so lam_t does not fall back mid-run."""
+    out = tmp_path / "run"
+    flags = ["train", "--method", "dual", "--save-every", "10", *run_args(tiny_checkpoints, tiny_csv, out)]
+    assert main([*flags, "--max-steps", "20"]) == 0
+    err = capsys.readouterr().err
+    assert "20 steps; Dual LoRA's dW warm-up 2 steps (a tenth of the run, at most 100)" in err
+    assert "Dual LoRA warm-up 2 steps" in err  # the summary
+    assert json.loads((out / "metrics.json").read_text())["dual_warmup_steps"] == 2
+    assert json.loads((out / "adapter_config.json").read_text())["warmup_steps"] == 2
+    assert json.loads((out / "run_config.json").read_text())["warmup_steps"] is None  # the flag as given
+    assert main(["train", "--output-dir", str(out), "--resume", "--max-steps", "60"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["dual_warmup_steps"] == 2
+    assert json.loads((out / "adapter_config.json").read_text())["warmup_steps"] == 2
+
+
+def test_report_to_tensorboard_logs_every_step_and_evaluation_into_the_run_folder(tiny_checkpoints, tiny_csv,
+                                                                                  tmp_path):
+    from conftest import tensorboard_scalars
+
+    out = tmp_path / "run"
+    assert main(["train", "--method", "dual", "--max-steps", "6", "--eval-every", "3", "--report-to", "tensorboard",
+                 *run_args(tiny_checkpoints, tiny_csv, out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    scalars = tensorboard_scalars(out / "logs")
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    # float32 in the event file: the run's float64 losses to within its rounding
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx(metrics["losses"], rel=2 ** -23)
+    assert len(scalars["train/learning_rate"]) == 6
+    validations = [(e["step"], e["accuracy"]) for e in metrics["evaluations"]]
+    assert [(s, pytest.approx(v, rel=2 ** -23)) for s, v in scalars["eval/accuracy"]] == validations
+    assert scalars["test/accuracy"] == [(6, pytest.approx(metrics["test"]["accuracy"], rel=2 ** -23))]
+
+
+@pytest.mark.parametrize("trackers, message", [
+    ("tensorbored", "--report-to: unknown tracker(s) ['tensorbored']; known: tensorboard, wandb, mlflow"),
+    ("tensorboard,wandb", "--report-to wandb needs the wandb package, which is not installed: pip install wandb."),
+])
+def test_a_tracker_that_cannot_log_is_refused_before_anything_is_written(tiny_checkpoints, tiny_csv, tmp_path, capsys,
+                                                                         trackers, message):
+    pytest.importorskip("tensorboardX")
+    if trackers.endswith("wandb") and importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    out = tmp_path / "run"
+    assert main(["train", "--method", "dual", "--max-steps", "2", "--report-to", trackers,
+                 *run_args(tiny_checkpoints, tiny_csv, out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def saved_clock(folder) -> int:
+    """Dual LoRA's warm-up clock in a saved adapter: the optimizer steps its factors had taken when it was saved."""
+    from safetensors.torch import load_file
+
+    clocks = {int(v) for k, v in load_file(folder / "adapter_model.safetensors").items() if "dual_lora_step" in k}
+    assert len(clocks) == 1
+    return clocks.pop()
+
+
+def test_keep_best_publishes_the_adapter_of_the_best_evaluation(tiny_checkpoints, tiny_csv, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "dual", "--max-steps", "8", "--eval-every", "2", "--keep-best", "--lr", "5e-2",
+                 *run_args(tiny_checkpoints, tiny_csv, out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    scores = [(e["step"], e["accuracy"]) for e in metrics["evaluations"]]
+    best_step, best = max(scores, key=lambda s: s[1])  # the first of equal scores, as transformers' Trainer keeps
+    assert [s for s, _ in scores] == [2, 4, 6, 8] and metrics["kept_step"] == best_step
+    assert metrics["validation"]["accuracy"] == best
+    assert saved_clock(out) == best_step  # the published adapter is the one saved at that step
+    assert not (out / "best").exists()
+
+
 def test_resume_refuses_other_changed_flags_by_name(tiny_checkpoints, tiny_csv, tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*resume_args(tiny_checkpoints, tiny_csv, out), "--max-steps", "2"]) == 0
@@ -301,7 +376,7 @@ def test_resume_refuses_other_changed_flags_by_name(tiny_checkpoints, tiny_csv, 
     assert main(["train", "--output-dir", str(out), "--resume", "--lr", "1e-2", "--rank", "4"]) == 2
     err = capsys.readouterr().err
     assert "--lr 0.01 (the run has 0.005)" in err and "--rank 4 (the run has 8)" in err
-    assert "Only --max-steps, --epochs, --eval-every, --save-every may change on resume" in err
+    assert "Only --max-steps, --epochs, --eval-every, --save-every, --report-to may change on resume" in err
     assert (out / "adapter_model.safetensors").read_bytes() == before  # nothing the user had was touched
 
 

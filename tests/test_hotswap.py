@@ -71,7 +71,6 @@ def test_a_compiled_model_is_not_recompiled_by_a_swap(tmp_path, method):
     ("d2", dict(r=8), "r: 4 here, 8 in"),
     ("d2", dict(tau=0.25), "tau: 0.5 here, 0.25 in"),
     ("dual", dict(lora_alpha=32), "lora_alpha: 16 here, 32 in"),
-    ("dual", dict(warmup_steps=0), "warmup_steps: 10 here, 0 in"),
 ])
 def test_an_adapter_that_does_not_fit_is_refused_and_nothing_changes(tmp_path, method, change, message):
     model = adapter(method, seed=1)
@@ -81,6 +80,24 @@ def test_an_adapter_that_does_not_fit_is_refused_and_nothing_changes(tmp_path, m
         hotswap_adapter(model, folder)
     assert message in str(error.value) and "load_adapter" in str(error.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("source_clock, fits", [(4, False), (9, False), (10, True), (25, True)])
+def test_another_warmup_length_swaps_only_once_both_warmups_are_over(tmp_path, source_clock, fits):
+    """Two runs of other lengths get other warm-ups (warmup_steps="auto"); lam_t = min(1, t / w) is 1 in both only
+    once the source's clock t has reached both lengths (here 10, live, and 4, source)."""
+    model = adapter("dual", seed=1, clock=30)
+    folder, fresh = saved(tmp_path, "dual", seed=2, clock=source_clock, warmup_steps=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if not fits:
+        with pytest.raises(ValueError, match=rf"other warm-up lengths \(warmup_steps 10 here, 4 in .*\) and the "
+                                             rf"source is at warm-up step {source_clock}"):
+            hotswap_adapter(model, folder)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return
+    hotswap_adapter(model, folder)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, fresh)
 
 
 @pytest.mark.parametrize("method", ["dual", "d2"])

@@ -10,6 +10,7 @@ import torch
 from conftest import WORDS, assert_float32_close
 
 from duallora.app.cli import main
+from duallora.dual.warmup import UnknownRunLengthWarning, WarmingUpWarning
 
 # the tiny tokenizer's words only; the template is the test tokenizer's (a real chat model ships its own)
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
@@ -73,6 +74,54 @@ def test_each_format_trains_below_the_base_models_loss_and_writes_the_run(chat_m
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == (0 if fmt == "text" else 3) and all("generated" in g for g in generations)
     assert f"validation loss {metrics['validation']['loss']:.4f} (base model " in err  # the summary
+
+
+def test_a_short_dual_sft_run_with_the_default_warm_up_moves_the_model(chat_model, tmp_path, capsys, recwarn):
+    """No --warmup-steps: TRL's trainer gets DualLoraWarmupCallback, so the 12-step run ramps over ceil(12 / 10) = 2
+    steps and ends at lam_t = 1, not at the 0.12 a fixed 100-step warm-up would leave, and nothing warns."""
+    out = tmp_path / "run"
+    argv = ["train", "--method", "dual", "--model", str(chat_model), "--task",
+            write(tmp_path / "chat.jsonl", rows("messages")), "--output-dir", str(out), "--max-steps", "12",
+            "--batch-size", "4", "--max-length", "32", "--lr", "1e-2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    told = [str(w.message) for w in recwarn if issubclass(w.category, (WarmingUpWarning, UnknownRunLengthWarning))]
+    assert told == []
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dual_warmup_steps"] == 2 and "Dual LoRA warm-up 2 steps" in err
+    assert json.loads((out / "adapter_config.json").read_text())["warmup_steps"] == 2
+    assert metrics["validation"]["loss"] < metrics["base_validation"]["loss"], metrics
+
+
+def test_report_to_tensorboard_keeps_the_trainers_logs_in_the_run_folder(chat_model, tmp_path, monkeypatch):
+    from conftest import tensorboard_scalars
+
+    monkeypatch.chdir(tmp_path)  # where a writer opened before training would have put ./runs
+    out = tmp_path / "run"
+    assert sft(chat_model, write(tmp_path / "chat.jsonl", rows("messages")), out, "--report-to", "tensorboard") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    scalars = tensorboard_scalars(out / "logs")
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, 13))
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx(metrics["losses"], rel=2 ** -23)
+    logged = {step: loss for step, loss in scalars["eval/loss"]}  # the base model's evaluation is at step 0
+    assert logged[0] == pytest.approx(metrics["base_validation"]["loss"], rel=2 ** -23)
+    assert logged[12] == pytest.approx(metrics["validation"]["loss"], rel=2 ** -23)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_keep_best_publishes_the_adapter_of_the_lowest_validation_loss(chat_model, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert sft(chat_model, write(tmp_path / "chat.jsonl", rows("messages")), out, "--keep-best", "--eval-every", "3",
+               "--lr", "1e-1") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = [(e["step"], e["loss"]) for e in metrics["evaluations"]]
+    best_step, best = min(losses, key=lambda s: s[1])
+    assert [s for s, _ in losses] == [3, 6, 9, 12] and metrics["kept_step"] == best_step
+    assert metrics["validation"]["loss"] == best
+    clocks = {int(v) for k, v in load_file(out / "adapter_model.safetensors").items() if "dual_lora_step" in k}
+    assert clocks == {best_step}  # Dual LoRA's clock counts optimizer steps: the adapter saved at the best step
 
 
 def test_an_sft_run_merges_and_answers_the_same_before_and_after(chat_model, tmp_path, capsys):

@@ -43,3 +43,31 @@ def test_trainer_trains_saves_and_counts_warmup(config, tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("with_callback", [True, False])
+def test_the_warmup_callback_fits_an_auto_warm_up_to_the_trainers_run(with_callback, tmp_path):
+    """10 optimizer steps (20 micro-batches): the callback gives warmup_steps = ceil(10 / 10) = 1, so the run ends at
+    lam_t = 1; without it the adapter ramps over 100 steps, ends at lam_t = 0.1, and the user is told at the start."""
+    import warnings
+
+    from duallora import DualLoraWarmupCallback
+    from duallora.dual.warmup import UnknownRunLengthWarning
+
+    model = get_peft_model(tiny_bert(), DualLoraConfig(r=4, target_modules="all-linear",
+                                                       modules_to_save=["classifier"]))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=5,
+                             gradient_accumulation_steps=2, learning_rate=1e-2, report_to=[], save_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TinyDataset(),
+                      callbacks=[DualLoraWarmupCallback()] if with_callback else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    told = [w for w in caught if issubclass(w.category, UnknownRunLengthWarning)]
+    assert trainer.state.max_steps == 10 and warmup_steps_taken(model) == 10
+    assert model.peft_config["default"].warmup_steps == (1 if with_callback else "auto")
+    assert len(told) == (0 if with_callback else 1)
+    layer = next(m for m in model.modules() if hasattr(m, "warmup_clocks"))
+    lam = (layer.warmup_coef("default") / layer.dual_options["default"].scaling).item()
+    assert lam == pytest.approx(1.0 if with_callback else 0.1, rel=1e-6)

@@ -2,6 +2,7 @@
 optimizers, optimizers over copies of the factors (what DeepSpeed ZeRO and FSDP1's flat parameters do), and
 hand-written updates; never micro-batches, eval forwards, checkpoint recomputations or steps that did not train it."""
 
+import json
 import warnings
 
 import pytest
@@ -9,8 +10,9 @@ import torch
 from conftest import model_output, tiny_bert, tiny_llama
 from peft import PeftModel, get_peft_model
 
-from duallora import DualLoraConfig, set_warmup_step, warmup_steps_taken
-from duallora.dual.warmup import FrozenWarmupWarning, WarmingUpWarning, frozen_clock_passes
+from duallora import (DualLoraConfig, auto_warmup_steps, fit_warmup_to_run, set_warmup_length, set_warmup_step,
+                      warmup_steps_taken)
+from duallora.dual.warmup import FrozenWarmupWarning, UnknownRunLengthWarning, WarmingUpWarning, frozen_clock_passes
 
 
 def dual(model=None, warmup_steps=2, **kw):
@@ -242,3 +244,92 @@ def test_saving_merging_or_evaluating_before_the_warm_up_ends_warns_with_lam_t(t
                                         model.merge_and_unload())) == []
     fresh = dual(warmup_steps=10)
     assert "at warm-up step 0 of 10" in warming_up_warnings(lambda: fresh.save_pretrained(tmp_path / "f"))[0]
+
+
+# ---------------------------------------------------------------- warmup_steps="auto": fitted to the run's length
+@pytest.mark.parametrize("total, expected", [(1, 1), (9, 1), (20, 2), (100, 10), (400, 40), (991, 100),
+                                             (1000, 100), (50_000, 100)])
+def test_the_auto_warm_up_is_a_tenth_of_the_run_at_most_100(total, expected):
+    assert auto_warmup_steps(total) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, "20"])
+def test_a_run_length_that_is_not_a_positive_integer_is_refused(bad):
+    with pytest.raises(ValueError, match=r"`total_steps` must be an integer >= 1"):
+        auto_warmup_steps(bad)
+
+
+@pytest.mark.parametrize("bad", ["fast", -1, 1.5, True])
+def test_a_warm_up_that_is_neither_a_count_nor_auto_is_refused(bad):
+    with pytest.raises(ValueError, match=r"`warmup_steps` must be an integer >= 0 or 'auto'"):
+        DualLoraConfig(warmup_steps=bad)
+
+
+def lam(model) -> float:
+    """lam_t of the adapter in its first Dual LoRA layer (warmup_coef is lam_t * s)."""
+    layer = next(m for m in model.modules() if hasattr(m, "warmup_clocks"))
+    return (layer.warmup_coef("default") / layer.dual_options["default"].scaling).item()
+
+
+def unknown_length_warnings(action) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return [str(w.message) for w in caught if issubclass(w.category, UnknownRunLengthWarning)]
+
+
+def test_auto_is_100_until_fitted_and_says_so_once_when_training_starts(inputs):
+    model = get_peft_model(tiny_llama(), DualLoraConfig(r=4, target_modules="all-linear"))
+    assert model.peft_config["default"].warmup_steps == "auto"
+    optimizer = torch.optim.SGD(trainable(model), lr=1e-2)
+
+    def two_steps():
+        for _ in range(2):
+            model.train()
+            model(input_ids=inputs, labels=inputs).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    messages = unknown_length_warnings(two_steps)
+    assert len(messages) == 1  # one for the adapter, not one per layer or per step
+    assert ("'default' has warmup_steps='auto' but was not given the run's length, so dW ramps in over 100 "
+            "optimizer steps" in messages[0] and "duallora.fit_warmup_to_run(model, total_steps)" in messages[0]
+            and "DualLoraWarmupCallback" in messages[0])
+    assert lam(model) == pytest.approx(2 / 100, rel=1e-6)
+
+
+def test_a_fitted_warm_up_drives_lam_t_is_saved_and_reloads_with_the_same_outputs(tmp_path, inputs):
+    model = get_peft_model(tiny_llama(), DualLoraConfig(r=4, target_modules="all-linear"))
+    assert fit_warmup_to_run(model, 40) == {"default": 4}
+    assert model.peft_config["default"].warmup_steps == 4
+    with torch.no_grad():
+        for p in trainable(model):
+            p.add_(0.05 * torch.randn_like(p))  # factors away from their init, so that dW's size shows in the output
+    set_warmup_step(model, 1)
+    assert lam(model) == pytest.approx(1 / 4, rel=1e-6)
+    assert unknown_length_warnings(lambda: model.train()(input_ids=inputs, labels=inputs).loss.backward()) == []
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["warmup_steps"] == 4
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert lam(reloaded) == pytest.approx(1 / 4, rel=1e-6)  # with "auto" saved it would reload at 1 / 100
+    with torch.no_grad():
+        assert torch.equal(reloaded(inputs).logits, model(inputs).logits)
+
+
+def test_an_explicit_warm_up_is_kept_and_never_warned_about(inputs):
+    model = dual(warmup_steps=7)
+    assert fit_warmup_to_run(model, 20) == {}
+    assert model.peft_config["default"].warmup_steps == 7
+    set_warmup_step(model, 1)
+    assert lam(model) == pytest.approx(1 / 7, rel=1e-6)
+    assert unknown_length_warnings(lambda: model.train()(input_ids=inputs, labels=inputs).loss.backward()) == []
+
+
+def test_set_warmup_length_changes_layers_and_config_and_refuses_a_bad_value():
+    model = dual(warmup_steps=7)
+    set_warmup_length(model, 0)  # 0: no warm-up, lam_t = 1 from the first step
+    assert lam(model) == 1.0 and model.peft_config["default"].warmup_steps == 0
+    with pytest.raises(ValueError, match=r"`warmup_steps` must be an integer >= 0; got -2"):
+        set_warmup_length(model, -2)
+    with pytest.raises(ValueError, match=r"No Dual LoRA adapter named 'other'"):
+        set_warmup_length(model, 3, "other")

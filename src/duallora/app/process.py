@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-def make_accelerator(grad_accum: int, micro_batch: int):
+def make_accelerator(grad_accum: int, micro_batch: int, trackers: tuple[str, ...] = (), logs=None):
     """The accelerate state of this process. Launched as several processes on a machine without an accelerator
     (``torchrun``/``accelerate launch`` on CPUs), accelerate needs ``cpu=True`` to set up its gloo process group
     (under DeepSpeed, which that would switch off: gloo named as the backend instead).
@@ -21,16 +21,19 @@ def make_accelerator(grad_accum: int, micro_batch: int):
     Under DeepSpeed (``accelerate launch`` with a ZeRO config) the run's flags decide what this loop decides
     elsewhere, and are written into the engine's config: the micro-batch (``--batch-size``), the accumulation
     (``--grad-accum``), no gradient clipping (none under DDP or FSDP either), and, for ZeRO-3, the gathered state
-    dict that saving the adapter reads."""
+    dict that saving the adapter reads.
+
+    ``trackers`` (``--report-to``) log into ``logs`` once ``init_trackers`` is called."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     on_cpus = launched > 1 and not torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # accelerate launch's flag
+    tracking = dict(log_with=list(trackers) or None, project_dir=str(logs) if logs else None)
     if deepspeed:
         accelerator = Accelerator(gradient_accumulation_steps=grad_accum, kwargs_handlers=(
-            [InitProcessGroupKwargs(backend="gloo")] if on_cpus else []))
+            [InitProcessGroupKwargs(backend="gloo")] if on_cpus else []), **tracking)
         config = accelerator.state.deepspeed_plugin.deepspeed_config
         run = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
                "gradient_clipping": 0.0}
@@ -43,7 +46,7 @@ def make_accelerator(grad_accum: int, micro_batch: int):
         if config.get("zero_optimization", {}).get("stage") == 3:
             config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     else:
-        accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=on_cpus)
+        accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=on_cpus, **tracking)
     if accelerator.num_processes != launched:  # each process would train alone on the whole data, silently
         raise ValueError(f"The launcher started {launched} processes but accelerate sees {accelerator.num_processes}: "
                          "they would not train together. Check the launcher's configuration (distributed_type, "

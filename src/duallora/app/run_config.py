@@ -19,7 +19,13 @@ LR_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_w
 
 # What may change when a run is resumed: its step budget and its evaluation and checkpoint cadence. Anything else
 # would make the resumed run another experiment than the one its checkpoint belongs to.
-RESUMABLE_OPTIONS = ("max_steps", "epochs", "eval_every", "save_every")
+RESUMABLE_OPTIONS = ("max_steps", "epochs", "eval_every", "save_every", "report_to")
+
+# Experiment trackers (--report-to), by the names accelerate (the training loop) and transformers' Trainer (SFT runs)
+# both use, each with the packages that provide it
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",), "trackio": ("trackio",),
+            "swanlab": ("swanlab",)}
 
 
 DEFAULT_LR = {"full": 5e-5, **{method: 1e-3 for method in ADAPTER_METHODS}}
@@ -54,8 +60,10 @@ class RunConfig:
     quantize: Optional[str] = None  # "4bit" (NF4, QLoRA's) or "8bit" (LLM.int8()): the frozen base, with bitsandbytes
     eval_every: Optional[int] = None
     save_every: Optional[int] = None
+    keep_best: bool = False  # the adapter of the best validation score among the evaluations, not the last one
     lr_warmup_ratio: float = 0.06
     lr_scheduler: str = "linear"  # after the warm-up: "linear" decay to 0, "cosine" decay to 0, or "constant"
+    report_to: Optional[str] = None  # experiment trackers, comma-separated (TRACKERS); their logs in <output>/logs
     weight_decay: float = 0.0
     target_modules: str = "all-linear"
     target_parameters: Optional[str] = None  # comma-separated on the command line; a list in a config file
@@ -94,6 +102,13 @@ class RunConfig:
                              f"an adapter method ({', '.join(ADAPTER_METHODS)}) or drop --quantize.")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"--lr-scheduler must be one of {list(LR_SCHEDULERS)}; got {self.lr_scheduler!r}.")
+        check_trackers(self.trackers)
+        if self.keep_best and self.method == "full":
+            raise ValueError("--keep-best keeps the best adapter; full fine-tuning has none: use an adapter method, "
+                             "or --save-every to keep checkpoints of the whole model.")
+        if self.keep_best and self.eval_every is None:
+            raise ValueError("--keep-best keeps the adapter of the best of the run's evaluations: give --eval-every N "
+                             "so that there are several to choose from.")
         if self.loraplus_lr_ratio is not None and self.method != "loraplus":
             raise ValueError(f"--loraplus-lr-ratio sets LoRA+'s learning rate of B; --method is {self.method!r}. "
                              "Use --method loraplus, or drop the flag.")
@@ -130,6 +145,12 @@ class RunConfig:
         return [name.strip() for name in value.split(",") if name.strip()]
 
     @property
+    def trackers(self) -> list[str]:
+        """``report_to`` as a list (the flag is comma-separated)."""
+        value = self.report_to or []
+        return value if isinstance(value, list) else [name.strip() for name in value.split(",") if name.strip()]
+
+    @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
@@ -145,6 +166,27 @@ class RunConfig:
         if unknown:
             raise ValueError(f"Unknown run option(s) {unknown}; valid: {sorted(known)}")
         return cls(**values)
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every ``--report-to`` name known and its package installed, before anything is loaded or written (accelerate
+    would drop a tracker whose package is missing with no more than a log line)."""
+    import importlib.util
+
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        raise ValueError(f"--report-to: unknown tracker(s) {unknown}; known: {', '.join(TRACKERS)}.")
+    for name in names:
+        if not any(importlib.util.find_spec(package) for package in TRACKERS[name]):
+            hint = "pip install 'duallora[trackers]' (tensorboardX)" if name == "tensorboard" else \
+                f"pip install {TRACKERS[name][0]}"
+            raise ValueError(f"--report-to {name} needs the {' or '.join(TRACKERS[name])} package, which is not "
+                             f"installed: {hint}.")
+
+
+def tracker_config(cfg: RunConfig) -> dict:
+    """The run's options as a tracker's hyperparameters: the set ones (TensorBoard takes numbers, text and flags)."""
+    return {key: value for key, value in asdict(cfg).items() if isinstance(value, (int, float, str, bool))}
 
 
 def adapter_config(cfg: RunConfig, task_kind: str):

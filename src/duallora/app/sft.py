@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..dual.callback import DualLoraWarmupCallback
 from .generate import reply
 from .process import environment, peak_memory_mib
 from .run_config import DEFAULT_LR, LR_SCHEDULERS, RunConfig, adapter_config
@@ -28,6 +30,7 @@ from .tasks.chat import FORMATS, SFT_DATASETS, detect_format, held_out, sft_reco
 from .tasks.files import SUFFIXES, read_rows
 
 GENERATIONS = 3  # validation prompts answered greedily at the end of a run
+ONLY_AT_THE_END = 2**31 - 1  # an evaluation interval no run reaches: the Trainer still evaluates its last step
 
 
 def is_sft_run(cfg: RunConfig) -> bool:
@@ -126,34 +129,45 @@ def train_sft(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
         lr_scheduler_type=LR_SCHEDULERS[cfg.lr_scheduler], warmup_steps=cfg.lr_warmup_ratio,
         weight_decay=cfg.weight_decay, max_length=cfg.max_length, packing=cfg.packing,
         completion_only_loss=None if fmt == "text" else not cfg.all_tokens,
-        eval_strategy="steps" if cfg.eval_every else "no", eval_steps=cfg.eval_every, save_strategy="no",
-        logging_steps=1, report_to="none", seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
+        # the Trainer evaluates every --eval-every steps and at the last step, so the final score is in its log (and
+        # its trackers') with the others; without --eval-every only at the last step
+        eval_strategy="steps", eval_steps=cfg.eval_every or ONLY_AT_THE_END,
+        # --keep-best: a checkpoint (in the scratch folder) at each evaluation, the best one loaded at the end
+        save_strategy="steps" if cfg.keep_best else "no", save_steps=cfg.eval_every or ONLY_AT_THE_END,
+        save_total_limit=1, load_best_model_at_end=cfg.keep_best, metric_for_best_model="loss",
+        greater_is_better=False, logging_steps=1,
+        report_to=[name for name in cfg.trackers if name != "tensorboard"] or "none",  # tensorboard: below
+        seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=cfg.gradient_checkpointing, disable_tqdm=not progress,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_records),
                          eval_dataset=Dataset.from_list(eval_records), processing_class=tokenizer,
-                         peft_config=adapter_config(cfg, "sft"))
+                         peft_config=adapter_config(cfg, "sft"),
+                         callbacks=[DualLoraWarmupCallback(),  # warmup_steps="auto": a tenth of the run
+                                    *tensorboard(cfg, Path(scratch.name) / "logs")])
     base = trainer.evaluate()["eval_loss"]  # a fresh adapter is the base model (dW = 0 at the start)
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
-    final = trainer.evaluate()["eval_loss"]
+    history = trainer.state.log_history
+    # by step: a run of N --eval-every evaluates at its last step once
+    evaluations = [{"step": step, "loss": loss} for step, loss in
+                   {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}.items()]
+    kept = min(evaluations, key=lambda e: e["loss"]) if cfg.keep_best else evaluations[-1]
+    final = kept["loss"]
     model = trainer.model.eval()
     generations = [{"prompt": r["prompt"], "reference": r["completion"],
                     "generated": reply(model, tokenizer, r["prompt"], max_new_tokens=64)}
                    for r in eval_records[:GENERATIONS] if "prompt" in r]
-    scratch.cleanup()
-    history = trainer.state.log_history
     metrics = {
         "method": cfg.method, "model": cfg.model, "task": task_label(cfg), "task_kind": "sft", "format": fmt,
         "primary_metric": "loss", "test": {},
         "validation": {"loss": final, "perplexity": math.exp(min(final, 50.0))},
         "base_validation": {"loss": base, "perplexity": math.exp(min(base, 50.0))},
-        # by step: the final evaluation repeats the last one's step when --eval-every divides the run
-        "evaluations": [{"step": step, "loss": loss} for step, loss in
-                        {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}.items()],
+        "evaluations": evaluations, "kept_step": kept["step"],  # the adapter's step: the last, or the best's
         "losses": [h["loss"] for h in history if "loss" in h], "steps": trainer.state.global_step,
-        "train_examples": len(train_records), "validation_examples": len(eval_records), "truncated": truncated,
+        "dual_warmup_steps": dual_warmup_steps(trainer.model), "train_examples": len(train_records),
+        "validation_examples": len(eval_records), "truncated": truncated,
         "train_seconds": train_seconds, "peak_memory_mib": peak_memory_mib(), "config": asdict(cfg),
         "environment": environment(),
     }
@@ -166,7 +180,29 @@ def train_sft(cfg: RunConfig, resume: bool = False, overwrite: bool = False, pro
     from .train import plot_training
 
     plot_training(metrics, out / "training.png")
+    if (Path(scratch.name) / "logs").is_dir():  # --report-to tensorboard: the event files, kept
+        shutil.copytree(Path(scratch.name) / "logs", out / "logs", dirs_exist_ok=True)
+    scratch.cleanup()
     return metrics
+
+
+def tensorboard(cfg: RunConfig, logs: Path) -> list:
+    """--report-to tensorboard: transformers' own callback, writing into ``logs`` from the first log on. Left to
+    report_to, its writer would open at the base model's evaluation, before training tells it its folder, in
+    ``./runs`` of the working directory."""
+    if "tensorboard" not in cfg.trackers:
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(logs)  # what the TENSORBOARD_LOGGING_DIR variable would set, for this run only
+    return [callback]
+
+
+def dual_warmup_steps(model) -> int | None:
+    """The Dual LoRA warm-up the run trained with (fitted to its length at the start), None for other methods."""
+    config = model.peft_config.get("default") if hasattr(model, "peft_config") else None
+    return getattr(config, "warmup_steps", None)
 
 
 class _MainProcess:

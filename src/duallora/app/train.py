@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..dual.warmup import fit_warmup_to_run, set_warmup_length
 from .data import collate, encode_for_training, epoch_order
 from .evaluate import PRIMARY_METRIC, evaluate
 from .process import (
@@ -31,7 +32,8 @@ from .process import (
     rng_state,
     set_rng_state,
 )
-from .run_config import LR_SCHEDULERS, RunConfig, adapter_config, resumed_config, saved_run_config
+from .run_config import (LR_SCHEDULERS, RunConfig, adapter_config, resumed_config, saved_run_config,
+                         tracker_config)
 from .run_config import optimizer as make_optimizer
 from .run_files import (atomic_dir, atomic_write_text, check_output_dir, latest_checkpoint, prepare_output_dir,
                         publish_weights)
@@ -127,6 +129,8 @@ class TrainingSession:
                              "--batch-size.")
         steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        # Dual LoRA's warmup_steps="auto": a tenth of this run, at most 100 (an explicit --warmup-steps is kept)
+        self.dual_warmup_steps = fit_warmup_to_run(self.model, self.total_steps).get("default")
         optimizer = make_optimizer(self.model, cfg.method, cfg.learning_rate, cfg.weight_decay, cfg.lr_ratio)
         # the scheduler stays ours: accelerate's wrapper steps it once per process per step (it assumes per-process
         # step counts), while total_steps here counts global optimizer steps
@@ -161,9 +165,18 @@ class TrainingSession:
             else:
                 set_peft_model_state_dict(unwrapped, weights)
             self.optimizer.load_state_dict(saved["optimizer"])
+        if self.dual_warmup_steps is not None:
+            self.keep_warmup_of(checkpoint)
         self.scheduler.load_state_dict(saved["scheduler"])  # a new step budget: the schedule follows the new total
         set_rng_state(saved["rng"])
         self.state = saved["state"]
+
+    def keep_warmup_of(self, checkpoint: Path) -> None:
+        """A resumed run keeps the Dual LoRA warm-up it started with, though a new --max-steps would fit another."""
+        started_with = json.loads((checkpoint / "adapter_config.json").read_text()).get("warmup_steps")
+        if isinstance(started_with, int) and started_with != self.dual_warmup_steps:
+            set_warmup_length(self.accelerator.unwrap_model(self.model), started_with)
+            self.dual_warmup_steps = started_with
 
     def save_checkpoint(self) -> None:
         """The adapter (or full model), optimizer, schedule, random state and progress, in a directory that appears
@@ -206,8 +219,42 @@ class TrainingSession:
         self.state["eval_seconds"] = self.state["eval_seconds"] + time.perf_counter() - started
         self.state["eval_cpu_seconds"] = self.state.get("eval_cpu_seconds", 0.0) + time.process_time() - cpu_started
         self.state["evaluations"].append({"step": self.state["step"], "split": "validation", **scores})
+        if self.cfg.keep_best:
+            self.keep_if_best(scores)
+        if self.cfg.trackers:
+            self.accelerator.log({f"eval/{name}": value for name, value in scores.items()
+                                  if isinstance(value, (int, float))}, step=self.state["step"])
         self.model.train()
         return scores
+
+    @property
+    def best_folder(self) -> Path:
+        return self.out / "best"
+
+    def keep_if_best(self, scores: dict) -> None:
+        """--keep-best: the adapter of the best validation score so far, in ``best/`` (complete or absent, as a
+        checkpoint), its step and score in ``state["best"]``; a resumed run goes on comparing with it."""
+        score = scores[PRIMARY_METRIC[self.task.kind]]  # every primary metric is higher-is-better
+        best = self.state.get("best")
+        if best is not None and score <= best["score"]:
+            return  # a tie keeps the earlier, as transformers' Trainer does
+        weights = self.accelerator.get_state_dict(self.model)
+        if self.accelerator.is_main_process:
+            atomic_dir(self.best_folder, lambda tmp: self.accelerator.unwrap_model(self.model).save_pretrained(
+                tmp, state_dict=weights))
+        self.accelerator.wait_for_everyone()
+        self.state["best"] = {"step": self.state["step"], "score": score}
+
+    def restore_best(self) -> dict:
+        """Load the kept adapter back into the model; its validation scores (from the run's evaluations)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.accelerator.unwrap_model(self.model),
+                                  load_file(self.best_folder / "adapter_model.safetensors"))
+        step = self.state["best"]["step"]
+        return next({k: v for k, v in e.items() if k not in ("step", "split")}
+                    for e in self.state["evaluations"] if e["step"] == step)
 
     def batch(self) -> dict:
         """This process's slice of the global batch of the current micro-step (epochs reshuffle by seed)."""
@@ -250,6 +297,9 @@ class TrainingSession:
             running_loss = reduce_across_processes(self.accelerator, [running_loss], "mean")[0]  # all processes
             state["losses"].append(running_loss)
             bar.set_postfix(loss=f"{running_loss:.4f}", refresh=False)  # drawn at the bar's own pace
+            if cfg.trackers:
+                self.accelerator.log({"train/loss": running_loss,
+                                      "train/learning_rate": self.scheduler.get_last_lr()[0]}, step=state["step"])
             bar.update(1)
             running_loss = 0.0
             state["train_seconds"] = time.perf_counter() - start - state["eval_seconds"]
@@ -269,6 +319,9 @@ class TrainingSession:
         """Validation and test scores, the costs reduced over processes, and the final weights and metrics."""
         cfg, state, accelerator = self.cfg, self.state, self.accelerator
         validation = self.validate()
+        kept_step = state["step"]
+        if cfg.keep_best:
+            validation, kept_step = self.restore_best(), state["best"]["step"]
         test_examples = self.task.test[: cfg.max_eval_examples]
         test_scores = self.evaluate(test_examples, "test")
         train_seconds, train_cpu_seconds, peak_mib = reduce_across_processes(
@@ -278,21 +331,27 @@ class TrainingSession:
             "method": cfg.method, "model": cfg.model, "task": self.task.name, "task_kind": self.task.kind,
             "primary_metric": PRIMARY_METRIC[self.task.kind], "test": test_scores, "validation": validation,
             "evaluations": state["evaluations"], "losses": state["losses"], "steps": state["step"],
+            "kept_step": kept_step,  # the step of the adapter kept: the last, or with --keep-best the best's
             "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "peak_memory_mib": peak_mib,
             "load_average": list(os.getloadavg()),  # the machine's 1, 5 and 15 minute loads as training ended
             "processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.name,
             "zero_stage": (accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed else None),
-            "global_batch_size": self.global_batch * cfg.grad_accum,
+            "global_batch_size": self.global_batch * cfg.grad_accum, "dual_warmup_steps": self.dual_warmup_steps,
             "trainable_params": trainable, "total_params": total,
             "test_examples": len(test_examples),  # the report weighs a score against the majority class by it
             "majority_baseline": majority_baseline(self.task, test_examples),
             "config": asdict(cfg), "environment": environment(),
         }
+        if cfg.trackers:
+            accelerator.log({f"test/{name}": value for name, value in test_scores.items()
+                             if isinstance(value, (int, float))}, step=state["step"])
+            accelerator.end_training()  # the trackers' files complete
         weights = accelerator.get_state_dict(self.model)  # gathered under FSDP: every process must call it
         if accelerator.is_main_process:
             publish_weights(accelerator.unwrap_model(self.model), self.out, weights)
             atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2))
             plot_training(metrics, self.out / "training.png")
+            shutil.rmtree(self.best_folder, ignore_errors=True)  # published as the run's adapter
         return metrics
 
 
@@ -322,7 +381,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         cfg, resume_notes = resumed_config(cfg, saved)
     # bf16 through torch.autocast rather than accelerate's mixed_precision, which is fixed once per process (a
     # second in-process run with another setting would be refused)
-    accelerator = make_accelerator(cfg.grad_accum, cfg.batch_size)
+    accelerator = make_accelerator(cfg.grad_accum, cfg.batch_size, cfg.trackers, Path(cfg.output_dir) / "logs")
+    if cfg.keep_best and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise ValueError("--keep-best is not supported under FSDP or DeepSpeed yet: the kept adapter would have to be "
+                         "loaded back into sharded weights. Train without it, or use DDP.")
     warning = bf16_warning(accelerator.device) if cfg.bf16 else None
     if warning and accelerator.is_main_process:
         print(warning, file=sys.stderr)  # before the model loads: a user can stop a run that would take hours
@@ -343,11 +405,14 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         session.restore(checkpoint)
     if accelerator.is_main_process:
         atomic_write_text(out / "run_config.json", json.dumps(asdict(cfg), indent=2))
+    if cfg.trackers:
+        accelerator.init_trackers("duallora", config=tracker_config(cfg))
     trainable, total = count_parameters(session.model)
     if accelerator.is_main_process and progress:
         print(f"{cfg.method} on {cfg.model} / {session.task.name}: {trainable:,} trainable of {total:,} parameters, "
               f"{len(session.train_examples)} train / {len(session.eval_examples)} validation / "
-              f"{len(session.task.test)} test examples, {session.total_steps} steps", file=sys.stderr)
+              f"{len(session.task.test)} test examples, {session.total_steps} steps{warmup_note(session)}",
+              file=sys.stderr)
     bar = tqdm(total=session.total_steps, initial=session.state["step"], desc=f"{cfg.method}", unit="step",
                mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
                disable=not (progress and accelerator.is_main_process))
@@ -364,6 +429,13 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         raise
     bar.close()
     return session.finish(trainable, total)
+
+
+def warmup_note(session: TrainingSession) -> str:
+    """The Dual LoRA warm-up the run fitted (``warmup_steps="auto"``), for the first screen."""
+    if session.dual_warmup_steps is None:
+        return ""
+    return f"; Dual LoRA's dW warm-up {session.dual_warmup_steps} steps (a tenth of the run, at most 100)"
 
 
 def run_summary(metrics: dict, out: Path) -> str:
@@ -384,7 +456,9 @@ def run_summary(metrics: dict, out: Path) -> str:
     weights = "model" if metrics["method"] == "full" else "adapter"
     return "\n".join([
         f"done: {metrics['method']} on {metrics['model']} / {metrics['task']}, {metrics['steps']} steps in "
-        f"{minutes} min {seconds} s of training, peak memory {metrics['peak_memory_mib']:.0f} MiB",
+        f"{minutes} min {seconds} s of training, peak memory {metrics['peak_memory_mib']:.0f} MiB"
+        + (f", Dual LoRA warm-up {warmup} steps" if isinstance(warmup := metrics.get("dual_warmup_steps"), int)
+           else ""),
         f"  {scores}",
         f"  {weights}: {out}   metrics: {out / 'metrics.json'}   plot: {out / 'training.png'}",
         f"  next: duallora {'chat' if metrics['task_kind'] == 'sft' else 'eval'} --adapter {out}   "

@@ -19,9 +19,8 @@ from peft.utils import load_peft_weights
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 # The config fields that fix a layer's shapes or constants; a swap between adapters that differ in one is refused
-UPDATE_FIELDS = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "r1", "r2",
-                 "warmup_steps", "ste", "magnitude_activation", "direction_activation", "tau", "norm_axis",
-                 "detach_norm")
+UPDATE_FIELDS = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "r1", "r2", "ste",
+                 "magnitude_activation", "direction_activation", "tau", "norm_axis", "detach_norm")
 
 
 def hotswap_adapter(model, source: Union[str, os.PathLike, dict], adapter_name: str = "default") -> None:
@@ -43,8 +42,10 @@ def hotswap_adapter(model, source: Union[str, os.PathLike, dict], adapter_name: 
                          "Call model.unmerge_adapter() first, swap, then merge again if you need to.")
     live = model.peft_config[adapter_name]
     if isinstance(source, (str, os.PathLike)):
-        _check_same_constants(live, PeftConfig.from_pretrained(str(source)), str(source))
+        source_config = PeftConfig.from_pretrained(str(source))
+        _check_same_constants(live, source_config, str(source))
         incoming = load_peft_weights(str(source), device="cpu")
+        _check_same_warmup(live, source_config, incoming, str(source))
     else:
         incoming = dict(source)
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
@@ -72,6 +73,23 @@ def _check_same_constants(live, incoming, where: str) -> None:
             f"hotswap_adapter: the adapters differ in what the compiled layers are specialised on ({listed}). Only "
             "an adapter with the same ranks and constants can be swapped in place; load this one as an adapter of "
             "its own instead (model.load_adapter(path, adapter_name=...)), which recompiles."
+        )
+
+
+def _check_same_warmup(live, incoming_config, incoming: dict, where: str) -> None:
+    """Dual LoRA adapters of other warm-up lengths compute the same ``lam_t = 1`` once both are past their warm-up
+    (two runs of other lengths, each with the warm-up fitted to it): swapped then; refused while either still ramps."""
+    here, there = (getattr(c, "resolved_warmup_steps", None) for c in (live, incoming_config))
+    if here == there:
+        return
+    steps = [int(v) for k, v in incoming.items() if "dual_lora_step" in k]
+    taken = min(steps, default=0)
+    if taken < max(here, there):
+        raise ValueError(
+            f"hotswap_adapter: the adapters have other warm-up lengths (warmup_steps {here} here, {there} in {where}) "
+            f"and the source is at warm-up step {taken}: lam_t = min(1, t / warmup_steps) would differ, so its "
+            "outputs would not be the source's. Only adapters past both warm-ups (lam_t = 1) swap across lengths; "
+            "load this one as an adapter of its own instead (model.load_adapter(path, adapter_name=...))."
         )
 
 

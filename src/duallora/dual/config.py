@@ -17,9 +17,21 @@ from .maths import DIRECTION_ACTIVATIONS, MAGNITUDE_ACTIVATIONS, STE_VARIANTS
 # its random full-rank dW is larger than W0 itself. Scaling with 1/sqrt(in) carries the choice to other widths.
 DEFAULT_INIT_SCALE = 0.25
 
-# Default warm-up length: long enough that dW enters gently while the factors find a useful direction, short
-# compared with a fine-tuning run (hundreds to thousands of steps). Set 0 to turn it off.
+# The warm-up of a long run: long enough that dW enters gently while the factors find a useful direction, short
+# against runs of thousands of steps. A run of T < 1,000 steps ramps over its first tenth (auto_warmup_steps).
 DEFAULT_WARMUP_STEPS = 100
+AUTO_WARMUP_FRACTION = 0.1
+
+
+def auto_warmup_steps(total_steps: int) -> int:
+    """The warm-up length for a run of ``total_steps`` optimizer steps: ``min(100, ceil(total_steps / 10))``.
+
+    Measured over run lengths by ``examples/sweep_warmup.py`` (docs/warmup_sweep.md): a fixed 100 leaves a 20-step run
+    at ``lam_t = 0.2`` (its update a fifth of the trained one, the model close to the base), while a tenth of the run
+    reaches full ``dW`` early and learns as the longer ramp does; from 1,000 steps on it is the fixed 100."""
+    if not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"`total_steps` must be an integer >= 1; got {total_steps!r}.")
+    return min(DEFAULT_WARMUP_STEPS, math.ceil(AUTO_WARMUP_FRACTION * total_steps))
 
 
 @dataclass
@@ -32,9 +44,12 @@ class DualLoraConfig(WeightAdapterConfig):
     r2: Optional[int] = field(
         default=None, metadata={"help": "Rank of the direction factors (C, D). None: r - r1."}
     )
-    warmup_steps: int = field(
-        default=DEFAULT_WARMUP_STEPS,
-        metadata={"help": "Optimizer steps over which lam_t ramps from 0 to 1 (dW = 0 at step 0). 0 turns it off."},
+    warmup_steps: Union[int, str] = field(
+        default="auto",
+        metadata={"help": "Optimizer steps over which lam_t ramps from 0 to 1 (dW = 0 at step 0); 0 turns it off. "
+                          "'auto' (default): a tenth of the run, at most 100 (auto_warmup_steps), once the run's "
+                          "length is given (fit_warmup_to_run, DualLoraWarmupCallback, the command line); 100 until "
+                          "then."},
     )
     ste: str = field(
         default="clip",
@@ -60,14 +75,20 @@ class DualLoraConfig(WeightAdapterConfig):
         super().__post_init__()
         self.peft_type = ensure_peft_type("dual_lora")
         self.r1, self.r2 = split_rank(self.r, self.r1, self.r2)
-        check_range("warmup_steps", self.warmup_steps, "an integer >= 0",
-                    isinstance(self.warmup_steps, int) and self.warmup_steps >= 0)
+        check_range("warmup_steps", self.warmup_steps, "an integer >= 0 or 'auto'", self.warmup_steps == "auto" or (
+            isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool) and self.warmup_steps >= 0))
         check_choice("ste", self.ste, STE_VARIANTS)
         check_choice("magnitude_activation", self.magnitude_activation, MAGNITUDE_ACTIVATIONS)
         check_choice("direction_activation", self.direction_activation, DIRECTION_ACTIVATIONS)
         if self.init_std is not None and self.init_std != "fan_in":
             check_range("init_std", self.init_std, "a number > 0, 'fan_in' or None",
                         isinstance(self.init_std, (int, float)) and self.init_std > 0)
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """The warm-up length the layers use: ``warmup_steps``, or for ``"auto"`` before the run's length is known
+        the long-run value, 100."""
+        return DEFAULT_WARMUP_STEPS if self.warmup_steps == "auto" else self.warmup_steps
 
     def check_rank(self, field_name: str, rank) -> None:
         check_range(

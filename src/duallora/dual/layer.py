@@ -66,7 +66,7 @@ class DualLoraLayer(AdaptedLayer):
             self.dual_lora_step = BufferDict(persistent=True)
         r1, r2 = config.layer_ranks(r)
         self.dual_options[adapter_name] = DualOptions(
-            r1=r1, r2=r2, scaling=lora_alpha / math.sqrt(r1 * r2), warmup_steps=config.warmup_steps,
+            r1=r1, r2=r2, scaling=lora_alpha / math.sqrt(r1 * r2), warmup_steps=config.resolved_warmup_steps,
             ste=config.ste, magnitude_activation=config.magnitude_activation,
             direction_activation=config.direction_activation,
         )
@@ -78,7 +78,8 @@ class DualLoraLayer(AdaptedLayer):
                                                                             fan_in=shape[-1])
                                         for name, shape in shapes.items()})
         self.dual_lora_step[adapter_name] = torch.zeros((), dtype=torch.long)
-        self.warmup_clocks[adapter_name] = warmup.WarmupClock(self, adapter_name, config.warmup_steps)
+        self.warmup_clocks[adapter_name] = warmup.WarmupClock(self, adapter_name, config.resolved_warmup_steps,
+                                                              auto=config.warmup_steps == "auto")
         warmup.track(self)
 
     def __setstate__(self, state):

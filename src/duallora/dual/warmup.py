@@ -19,6 +19,7 @@ clock that is still at 0 long after ``warmup_steps`` training passes warns once,
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
 
@@ -39,8 +40,10 @@ class WarmupClock:
     """Host-side bookkeeping of one adapter's clock in one layer. The count itself is the layer's
     ``dual_lora_step`` buffer (looked up on each use: ``.to()`` replaces buffers)."""
 
-    def __init__(self, layer: nn.Module, adapter_name: str, warmup_steps: int) -> None:
+    def __init__(self, layer: nn.Module, adapter_name: str, warmup_steps: int, auto: bool = False) -> None:
         self.layer, self.adapter_name, self.warmup_steps = layer, adapter_name, warmup_steps
+        self.auto = auto  # warmup_steps="auto" not yet fitted to a run's length (fit_warmup_to_run)
+        self.auto_warned = False  # UnknownRunLengthWarning given (once per adapter, not per layer)
         self.pending = False  # a training forward ran through the adapter since the last counted update
         self.versions: tuple[int, ...] = ()  # the factors' version counters at that forward
         self.passes = 0  # training passes while the clock has not been seen to move
@@ -59,6 +62,8 @@ class WarmupClock:
             self.pending = True  # a constant store is replayed by the compiled graph; version reads are not
             return
         self.sync()
+        if self.auto and not self.auto_warned:
+            _warn_unknown_run_length(self.adapter_name, self.warmup_steps)
         self.pending, self.versions = True, self._versions()
         if self.watching:
             self.passes += 1
@@ -93,7 +98,11 @@ def track(layer: nn.Module) -> None:
 
 
 def _clocks(layers) -> list[WarmupClock]:
-    return [clock for layer in layers for clock in layer.warmup_clocks.values()]
+    return [clock for layer in layers for clock in getattr(layer, "warmup_clocks", {}).values()]
+
+
+def _clocks_named(adapter_name: str) -> list[WarmupClock]:
+    return [clock for clock in _clocks(list(_tracked_layers)) if clock.adapter_name == adapter_name]
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -126,9 +135,56 @@ def _warn_frozen(adapter_name: str, passes: int, warmup_steps: int) -> None:
         "torch.optim optimizer, or call duallora.set_warmup_step(model, t) after each update.",
         FrozenWarmupWarning, stacklevel=2,
     )
-    for clock in _clocks(list(_tracked_layers)):  # one warning, not one per layer
-        if clock.adapter_name == adapter_name:
-            clock.watching = False
+    for clock in _clocks_named(adapter_name):  # one warning, not one per layer
+        clock.watching = False
+
+
+class UnknownRunLengthWarning(UserWarning):
+    """A Dual LoRA adapter with ``warmup_steps="auto"`` trains without having been told the run's length."""
+
+
+def _warn_unknown_run_length(adapter_name: str, warmup_steps: int) -> None:
+    warnings.warn(
+        f"Dual LoRA adapter {adapter_name!r} has warmup_steps='auto' but was not given the run's length, so dW ramps "
+        f"in over {warmup_steps} optimizer steps, the value for runs of 1,000 steps or more: a shorter run ends with "
+        "lam_t < 1, its update a fraction of the trained one. Give the length before training: "
+        "duallora.fit_warmup_to_run(model, total_steps), or callbacks=[duallora.DualLoraWarmupCallback()] for a "
+        "transformers or TRL Trainer (the duallora command line does it), or set warmup_steps to a number.",
+        UnknownRunLengthWarning, stacklevel=4,
+    )
+    for clock in _clocks_named(adapter_name):  # one warning, not one per layer
+        clock.auto_warned = True
+
+
+def fit_warmup_to_run(model: nn.Module, total_steps: int) -> dict[str, int]:
+    """Give every Dual LoRA adapter of ``model`` with ``warmup_steps="auto"`` the warm-up of a run of
+    ``total_steps`` optimizer steps, :func:`~duallora.auto_warmup_steps` (a tenth of the run, at most 100); an
+    explicit ``warmup_steps`` is kept. Call it before training (the command line and
+    :class:`~duallora.DualLoraWarmupCallback` do). Returns ``{adapter name: warm-up steps}`` of those fitted."""
+    from .config import auto_warmup_steps
+
+    steps = auto_warmup_steps(total_steps)
+    auto = {clock.adapter_name for clock in _clocks(model.modules()) if clock.auto}
+    for name in sorted(auto):
+        set_warmup_length(model, steps, name)
+    return dict.fromkeys(sorted(auto), steps)
+
+
+def set_warmup_length(model: nn.Module, warmup_steps: int, adapter_name: str = "default") -> None:
+    """Set the warm-up length of ``adapter_name`` in every layer and in its config, so that a saved adapter
+    reloads with the ``lam_t`` it trained with (``lam_t = min(1, t / warmup_steps)``; 0 turns the warm-up off)."""
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+        raise ValueError(f"`warmup_steps` must be an integer >= 0; got {warmup_steps!r}.")
+    for layer in _layers_with(model, adapter_name):
+        layer.dual_options[adapter_name] = dataclasses.replace(layer.dual_options[adapter_name],
+                                                               warmup_steps=warmup_steps)
+        clock = layer.warmup_clocks[adapter_name]
+        clock.warmup_steps, clock.auto = warmup_steps, False
+        clock.restart()
+    for module in model.modules():  # the PeftModel and its tuner share one dict of configs
+        config = getattr(module, "peft_config", {}).get(adapter_name)
+        if config is not None and hasattr(config, "warmup_steps"):
+            config.warmup_steps = warmup_steps
 
 
 class WarmingUpWarning(UserWarning):
