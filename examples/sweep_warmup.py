@@ -34,6 +34,7 @@ from duallora.app.train import train  # noqa: E402
 DOCS = Path(__file__).parent.parent / "docs"
 RESULTS = DOCS / "warmup_sweep.json"
 SETTINGS = ("lora", "dual, no warm-up", "dual, 100 steps", "dual, auto")
+SHORT = dict(zip(("lora", "off", "100", "auto"), SETTINGS))  # --settings' names
 CLASSIFICATION = dict(model="minilm", task="rated-sentiment", max_length=64, batch_size=16, max_eval_examples=500)
 SFT = dict(model="smollm2", task="alpaca-demo", max_length=256, batch_size=4, max_eval_examples=32)
 
@@ -46,15 +47,15 @@ def warmup_of(setting: str, steps: int) -> int | None:
     return {"dual, no warm-up": 0, "dual, 100 steps": 100, "dual, auto": auto_warmup_steps(steps)}.get(setting)
 
 
-def plan(lengths: list[int]) -> list[dict]:
+def plan(lengths: list[int], settings: tuple[str, ...] = SETTINGS, sft: bool = True) -> list[dict]:
     """Every run, shortest first; a setting whose warm-up equals another's at that length is run once."""
     runs = []
-    for kind, steps_list in (("classification", [n for n in lengths if n <= 100]), ("sft", [20]),
+    for kind, steps_list in (("classification", [n for n in lengths if n <= 100]), ("sft", [20] if sft else []),
                              ("classification", [n for n in lengths if n > 100])):
         for steps in steps_list:
             seen = set()
             # past 1,000 steps the Dual LoRA run first: a sweep cut short by time still has the setting that matters
-            for setting in SETTINGS if steps <= 1000 else SETTINGS[1:] + SETTINGS[:1]:
+            for setting in [s for s in (SETTINGS if steps <= 1000 else SETTINGS[1:] + SETTINGS[:1]) if s in settings]:
                 warmup = warmup_of(setting, steps)
                 if setting != "lora" and warmup in seen:
                     continue  # the auto rule gives 100 from 1,000 steps on: the same run as "dual, 100 steps"
@@ -156,12 +157,17 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="20,100,400,2000", help="classification run lengths, comma-separated")
+    parser.add_argument("--settings", default=",".join(SHORT),
+                        help=f"the settings to run, comma-separated, from {list(SHORT)}")
+    parser.add_argument("--no-sft", action="store_true", help="leave out the SmolLM2 SFT runs")
     parser.add_argument("--table", action="store_true", help="rebuild the table and plot from the JSON only")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     if not args.table:
         done = {key(r) for r in results}
-        todo = [run for run in plan([int(n) for n in args.lengths.split(",")]) if key(run) not in done]
+        lengths = [int(n) for n in args.lengths.split(",")]
+        settings = tuple(SHORT[name] for name in args.settings.split(","))
+        todo = [run for run in plan(lengths, settings, not args.no_sft) if key(run) not in done]
         for i, run in enumerate(todo, 1):
             results.append(measure(run))
             RESULTS.write_text(json.dumps(results, indent=1))
