@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from train_step import DOCS, PeakRss, markdown_rows, measure_in_children, plot
+from train_step import DOCS, PeakRss, answered_alone, markdown_rows, measure_in_children, plot
 
 METHODS = ("lora", "dual", "d2")
 
@@ -118,11 +118,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     stem = Path(args.output_dir) / f"sft_step_{args.model}"
-    if args.replot:
-        write_outputs(json.loads(stem.with_suffix(".json").read_text()), stem)
-        return
-    if args.child:
-        print(json.dumps(measure(args.child, args)))
+    if answered_alone(args, stem, write_outputs, measure):
         return
     import torch
 

@@ -162,6 +162,16 @@ def measure(method: str, args) -> dict:
             "peak_mib": peak, "trainable_params": sum(p.numel() for p in params)}
 
 
+def answered_alone(args, stem: Path, write_outputs, measure) -> bool:
+    """The two calls that run no benchmark: ``--replot`` redraws the outputs at ``stem`` from their JSON, and
+    ``--child METHOD`` (one of :func:`measure_in_children`'s processes) prints one method's measurement."""
+    if args.replot:
+        write_outputs(json.loads(stem.with_suffix(".json").read_text()), stem)
+    elif args.child:
+        print(json.dumps(measure(args.child, args)))
+    return bool(args.replot or args.child)
+
+
 def measure_in_children(script: str, args, environment: dict | None = None) -> list[dict]:
     """``script --child METHOD`` with the same options, one process per method of ``args.methods`` (so that time
     and memory are each method's own), its result the last line it prints; ``environment``: extra variables of a
@@ -276,11 +286,7 @@ def main() -> None:
         parser.error("full fine-tuning cannot train a quantized base: drop it from --methods")
     suffix = (f"_{args.quantize}" if args.quantize else "") + (f"_{args.tag}" if args.tag else "")
     stem = Path(args.output_dir) / f"train_step_{args.model}_{args.precision}{suffix}"
-    if args.replot:
-        write_outputs(json.loads(stem.with_suffix(".json").read_text()), stem)
-        return
-    if args.child:
-        print(json.dumps(measure(args.child, args)))
+    if answered_alone(args, stem, write_outputs, measure):
         return
     import torch
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from line_plot import save_line_plot  # noqa: E402
 from quickstart import finetune  # noqa: E402
 
 DOCS = Path(__file__).parent.parent / "docs"
@@ -40,23 +41,14 @@ def table(results: list[dict]) -> str:
 
 def plot(results: list[dict], path: Path) -> None:
     """Training-loss curves (moving average over 10 steps), one per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    lines = []
     for r in results:
         losses = r["losses"]
         smooth = [sum(losses[max(0, i - 9):i + 1]) / len(losses[max(0, i - 9):i + 1]) for i in range(len(losses))]
-        ax.plot(range(1, len(smooth) + 1), smooth, label=f"{r['method']}: {label(r).strip('*')}",
-                linewidth=2.5 if r["method"] == "lora" else 1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (10-step mean)")
-    ax.set_title("Dual LoRA init std vs LoRA, MiniLM + BBC News")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        lines.append((f"{r['method']}: {label(r).strip('*')}", list(range(1, len(smooth) + 1)), smooth,
+                      r["method"] == "lora"))
+    save_line_plot(lines, path, "optimizer step", "training loss (10-step mean)",
+                   "Dual LoRA init std vs LoRA, MiniLM + BBC News")
 
 
 def main() -> None:

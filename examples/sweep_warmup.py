@@ -27,6 +27,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+sys.path.insert(0, str(Path(__file__).parent))
+from line_plot import save_line_plot  # noqa: E402
+
 from duallora import auto_warmup_steps  # noqa: E402
 from duallora.app.run_config import RunConfig  # noqa: E402
 from duallora.app.train import train  # noqa: E402
@@ -133,25 +136,15 @@ def table(results: list[dict]) -> str:
 
 def plot(results: list[dict], path: Path) -> None:
     """Validation accuracy against run length, one line per warm-up setting (classification)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    lengths = sorted({r["steps"] for r in results if r["kind"] == "classification"})
+    lines = []
     for setting in SETTINGS:
-        lengths = sorted({r["steps"] for r in results if r["kind"] == "classification"})
         points = [(n, statistics.mean(r["validation"] for r in runs)) for n in lengths
                   if (runs := runs_of(results, "classification", n, setting))]
         if points:
-            ax.plot(*zip(*points), marker="o", label=setting, linewidth=2.5 if setting == "lora" else 1.5)
-    ax.set_xscale("log")
-    ax.set_xlabel("run length (optimizer steps)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Dual LoRA warm-up vs run length, MiniLM + rated-sentiment")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+            lines.append((setting, *map(list, zip(*points)), setting == "lora"))
+    save_line_plot(lines, path, "run length (optimizer steps)", "validation accuracy",
+                   "Dual LoRA warm-up vs run length, MiniLM + rated-sentiment", log_x=True, marker="o")
 
 
 def main() -> None:

@@ -126,17 +126,24 @@ class FrozenWarmupWarning(UserWarning):
     """A Dual LoRA adapter trains with ``lam_t = 0``: its update stays 0 and its factors get no gradient."""
 
 
+def _warn_once(adapter_name: str, message: str, category: type, mark: tuple[str, bool], stacklevel: int) -> None:
+    """One warning for the adapter, not one per layer: every clock of ``adapter_name`` gets ``mark`` (an attribute
+    and its value: ``watching`` off, ``auto_warned`` on), which its own check reads before warning again."""
+    warnings.warn(message, category, stacklevel=stacklevel + 1)
+    for clock in _clocks_named(adapter_name):
+        setattr(clock, *mark)
+
+
 def _warn_frozen(adapter_name: str, passes: int, warmup_steps: int) -> None:
-    warnings.warn(
+    _warn_once(
+        adapter_name,
         f"Dual LoRA adapter {adapter_name!r}: the warm-up clock is still at 0 after {passes} training passes "
         f"(warmup_steps={warmup_steps}), so lam_t = 0, dW = 0 and the adapter's factors get zero gradients: it is not "
         "learning. The clock counts a torch.optim optimizer step, or an in-place update of the factors "
         "(p -= lr * p.grad), after a training forward; an update written through `.data` is not seen. Step with a "
         "torch.optim optimizer, or call duallora.set_warmup_step(model, t) after each update.",
-        FrozenWarmupWarning, stacklevel=2,
+        FrozenWarmupWarning, ("watching", False), stacklevel=2,
     )
-    for clock in _clocks_named(adapter_name):  # one warning, not one per layer
-        clock.watching = False
 
 
 class UnknownRunLengthWarning(UserWarning):
@@ -144,16 +151,15 @@ class UnknownRunLengthWarning(UserWarning):
 
 
 def _warn_unknown_run_length(adapter_name: str, warmup_steps: int) -> None:
-    warnings.warn(
+    _warn_once(
+        adapter_name,
         f"Dual LoRA adapter {adapter_name!r} has warmup_steps='auto' but was not given the run's length, so dW ramps "
         f"in over {warmup_steps} optimizer steps, the value for runs of 1,000 steps or more: a shorter run ends with "
         "lam_t < 1, its update a fraction of the trained one. Give the length before training: "
         "duallora.fit_warmup_to_run(model, total_steps), or callbacks=[duallora.DualLoraWarmupCallback()] for a "
         "transformers or TRL Trainer (the duallora command line does it), or set warmup_steps to a number.",
-        UnknownRunLengthWarning, stacklevel=4,
+        UnknownRunLengthWarning, ("auto_warned", True), stacklevel=4,
     )
-    for clock in _clocks_named(adapter_name):  # one warning, not one per layer
-        clock.auto_warned = True
 
 
 def fit_warmup_to_run(model: nn.Module, total_steps: int) -> dict[str, int]:
