@@ -107,3 +107,10 @@ def test_the_sft_demo_data_reads_its_999_alpaca_examples():
     for record in train + validation:
         assert [t["role"] for t in record["prompt"] + record["completion"]] == ["user", "assistant"]
         assert record["prompt"][0]["content"].strip() and record["completion"][0]["content"].strip()
+
+
+def test_each_commonsense_task_ranks_its_answers_as_olmo_eval_does():
+    """len_norm (per character) where olmo_eval uses it, the plain log-likelihood elsewhere; kept through the mix."""
+    rules = {e.group: e.choice_score for e in load_task("commonsense").test}
+    assert rules == {"boolq": "sum", "piqa": "per_char", "siqa": "per_char", "hellaswag": "per_char",
+                     "winogrande": "sum", "arc-easy": "sum", "arc-challenge": "per_char", "openbookqa": "per_char"}

@@ -259,6 +259,9 @@ def test_report_fills_the_readme_between_its_markers_only(finished_comparison, t
     assert text.startswith("# project\n\nbefore\n\n<!-- results:start -->\nStatus: 6 of 6 runs finished")
     assert text.endswith("<!-- results:end -->\n\nafter\n") and "stale" not in text
     assert text.count("| method |") == 1 and text.count("| paper | claim |") == 1
+    # the claims in brief: one cell per kind of data, the difference and the verdict's first words
+    assert "| paper | claim | ours | the papers' tasks: difference, verdict |" in text
+    assert "| the papers' tasks: verdict |" in (docs / "RESULTS.md").read_text()  # the report keeps them whole
     report = (docs / "RESULTS.md").read_text()
     headline = next(line for line in text.splitlines() if line.startswith("| dual |"))
     assert headline in report  # the same row as the report's headline table
@@ -398,9 +401,33 @@ def test_claims_are_computed_from_the_numbers(tiny_checkpoints, tiny_csv, tmp_pa
     assert ("| dual | 8 | 10 | 0.01 | **62.0 ± 2.0** | 3 |" in text
             and "| lora | 8 | 10 | 0.01 | 52.0 ± 2.0 | 3 |" in text)
     claim = next(line for line in text.splitlines() if "+1.6 points over LoRA | dual - lora" in line)
-    assert "| +10.0 ± 1.6 |" in claim
+    assert "| +10.0 ± 1.6 (" in claim
     assert "agrees in direction: a gain beyond 2 standard errors; the paper's figure is outside" in claim
     assert "| D2-LoRA | matches DoRA | d2 - dora | not run yet |" in text
+
+
+def test_claims_are_judged_on_the_stand_ins_and_the_papers_tasks_side_by_side(tiny_checkpoints, tiny_csv, tmp_path):
+    """Never averaged together: each kind of data has its own difference and verdict, in its own columns."""
+    root = tmp_path / "experiments"
+    for name, task, (dual, lora) in (("stand-in", "sentiment", (0.75, 0.65)), ("papers", str(tiny_csv), (0.65, 0.75))):
+        config = comparison(tiny_checkpoints, tiny_csv)
+        config["base"]["task"] = task  # "sentiment": BIG-bench's multiemo (the suite never loads it here)
+        config.update(lr_grid=[0.01], seeds=[0, 1, 2])
+        experiment = experiments.load_experiment(write_experiment(root, name, config))
+        for seed, shift in enumerate((-0.01, 0.0, 0.01)):
+            fabricate(experiment, "dual", 0.01, seed, dual + shift)
+            fabricate(experiment, "lora", 0.01, seed, lora + shift)
+    shutil.copy(suite_template(), root / "report_template.md")
+    assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert ("| paper | claim | ours | BIG-bench stand-ins: difference (tasks) | BIG-bench stand-ins: verdict | the "
+            "papers' tasks: difference (tasks) | the papers' tasks: verdict |") in text
+    claim = next(line for line in text.splitlines() if "+1.6 points over LoRA | dual - lora" in line)
+    # each +-10.0 with a standard error of sqrt(2 / 3) = 0.8 (scores 1 point apart over 3 seeds)
+    assert "| +10.0 ± 0.8 (bert / sentiment) | agrees in direction" in claim.replace(str(tiny_checkpoints["bert"]),
+                                                                                    "bert")
+    assert "| -10.0 ± 0.8 (" in claim and claim.endswith("| disagrees: dual behind by more than 2 standard errors; "
+                                                         "the paper's figure is outside ours ± 2 standard errors |")
 
 
 def test_best_baseline_is_among_the_methods_with_dual_loras_parameters(tiny_checkpoints, tiny_csv, tmp_path):
@@ -418,7 +445,7 @@ def test_best_baseline_is_among_the_methods_with_dual_loras_parameters(tiny_chec
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     claim = next(line for line in text.splitlines() if "over the best baseline at its parameter count" in line)
     # 75.0 - 70.0, each ± 1.0 over 3 seeds: a standard error of sqrt(2 / 3) = 0.8
-    assert "| +5.0 ± 0.8 | " in claim and "reviews.csv (vs dora) | agrees in direction" in claim
+    assert "| +5.0 ± 0.8 (" in claim and "reviews.csv (vs dora)) | agrees in direction" in claim
 
 
 def test_a_task_where_no_method_beats_the_majority_class_is_left_out_of_the_claims(tiny_checkpoints, tiny_csv,
@@ -437,7 +464,7 @@ def test_a_task_where_no_method_beats_the_majority_class_is_left_out_of_the_clai
     assert "Majority class (test): 50.0; a method shows learning beyond it above 60.0 (2 standard errors" in text
     assert "reviews.csv (best 58.0, majority class 50.0 + 10.0), where no method's test mean beats" in text
     claim = next(line for line in text.splitlines() if "+1.6 points over LoRA | dual - lora" in line)
-    assert "| – |  | no task of this kind taught the methods anything measurable" in claim
+    assert "| – | no task of this kind taught the methods anything measurable" in claim
     fabricate(experiment, "dual", 0.01, 2, 0.69)  # dual's mean is now 61.0: beyond the margin, the task counts
     assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
@@ -461,3 +488,128 @@ def test_committed_results_match_their_configs_and_the_committed_report(tmp_path
     assert (tmp_path / "docs" / "RESULTS.md").read_text() == (repo / "docs" / "RESULTS.md").read_text(), \
         f"docs/RESULTS.md {stale}"
     assert (tmp_path / "README.md").read_text() == (repo / "README.md").read_text(), f"README.md's summary {stale}"
+
+
+def zero_shot_experiment(tiny_checkpoints, **extra):
+    return {"base": {"model": str(tiny_checkpoints["llama"]), "task": "social-iqa", "max_steps": 2, "batch_size": 4,
+                     "max_length": 32, "max_eval_examples": 6, **extra},
+            "methods": ["lora"], "lr_grid": [0.01], "seeds": [0], "zero_shot": True}
+
+
+def test_zero_shot_scores_the_base_model_once_and_the_report_shows_it(tiny_checkpoints, bigbench_env, tmp_path,
+                                                                     capsys):
+    from duallora.app.evaluate import evaluate
+    from duallora.app.run_config import RunConfig
+    from duallora.app.train import base_parts
+
+    root = tmp_path / "experiments"
+    write_experiment(root, "mc", zero_shot_experiment(tiny_checkpoints))
+    assert main(["suite", "--root", str(root), "--dry-run"]) == 0
+    assert "zero-shot                            to run first (the base model, no training)" in capsys.readouterr().out
+    calls = suite_in_process(["--root", str(root), "--runs-dir", str(tmp_path / "runs")])
+    record = json.loads((root / "mc" / "results" / "zero-shot.json").read_text())
+    model, tokenizer, task = base_parts(RunConfig(model=str(tiny_checkpoints["llama"]), task="social-iqa"))
+    for split in ("validation", "test"):  # the same examples as the runs, scored by the untouched base model
+        assert record[split] == evaluate(model, tokenizer, task, task.split(split)[:6], max_length=32)
+    assert record["test_examples"] == 6 and set(record["baselines"]) == {"majority", "chance"}
+    assert record["baselines"]["chance"] == {"social-iqa": pytest.approx(1 / 3)}
+    assert [c[0] for c in calls] == ["lora-lr0.01-seed0"]  # the zero-shot row trains nothing
+    shutil.copy(suite_template(), root / "report_template.md")
+    assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
+    zero = f"{100 * record['test']['accuracy']:.1f}"
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert f"| zero-shot (base model) | – | 0 | – | {zero} | – |  |  |" in text  # the method's table
+    assert f"| zero-shot (base model) | {zero} |" in text  # the headline
+    assert "**Only 6 test examples**: one example is 16.7 points, so this task can separate methods only" in text
+    assert " min zero-shot |" in text  # the budget table counts the scoring of the base model in the wall time
+    # made once: a second suite run scores nothing again; a config that changes what it scored refuses it
+    mtime = (root / "mc" / "results" / "zero-shot.json").stat().st_mtime_ns
+    assert suite_in_process(["--root", str(root), "--runs-dir", str(tmp_path / "runs")]) == []
+    assert (root / "mc" / "results" / "zero-shot.json").stat().st_mtime_ns == mtime
+    (root / "mc" / "results" / "lora-lr0.01-seed0.json").unlink()  # the run's own file would be refused first
+    write_experiment(root, "mc", zero_shot_experiment(tiny_checkpoints, max_eval_examples=8))
+    assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 2
+    err = capsys.readouterr().err
+    assert "zero-shot.json was made with other options" in err and "max_eval_examples: 6 there, 8 now" in err
+
+
+def test_zero_shot_is_refused_for_a_classification_task(tiny_checkpoints, tmp_path, no_child, capsys):
+    root = tmp_path / "experiments"
+    config = zero_shot_experiment(tiny_checkpoints, task="rated-sentiment", model=str(tiny_checkpoints["bert"]))
+    write_experiment(root, "cls", config)
+    assert main(["suite", "--root", str(root), "--dry-run"]) == 2
+    assert "zero_shot scores the base model untrained, but 'rated-sentiment' is a classification task" in \
+        capsys.readouterr().err
+
+
+def test_a_runs_command_line_makes_the_same_run(tiny_checkpoints, tiny_csv, tmp_path):
+    """The report's "one run from a fresh clone" command, read back by the command line, gives the run's options."""
+    import shlex
+
+    from duallora.app.cli import build_parser, run_config
+    from duallora.app.run_config import RunConfig, command_line
+
+    config = comparison(tiny_checkpoints, tiny_csv)
+    config["base"].update(bf16=True, gradient_checkpointing=False, max_eval_examples=1000,
+                          r=4, alpha=12.5)
+    experiment = experiments.load_experiment(write_experiment(tmp_path / "experiments", "cmp", config))
+    cfg = experiments.Run(experiment, "dual", 0.02, 1).config()
+    words = shlex.split(command_line(cfg))
+    assert words[:2] == ["duallora", "train"] and "--bf16" in words and "--max-eval-examples" not in words  # default
+    assert run_config(build_parser().parse_args(words[1:]), drop=("resume", "overwrite")) == cfg
+    assert "--target-parameters experts.w,experts.v" in command_line(RunConfig(target_parameters=["experts.w",
+                                                                                               "experts.v"]))
+    uncapped = RunConfig(max_eval_examples=None)  # every example scored: the flag reads "none"
+    assert command_line(uncapped) == "duallora train --max-eval-examples none"
+    assert run_config(build_parser().parse_args(["train", "--max-eval-examples", "none"]),
+                      drop=("resume", "overwrite")) == uncapped
+
+
+def test_a_mix_gets_a_table_per_task_with_its_zero_shot_chance_and_majority_rows(tiny_checkpoints, tiny_csv,
+                                                                                 tmp_path):
+    config = comparison(tiny_checkpoints, tiny_csv)
+    config.update(lr_grid=[0.01], seeds=[0, 1])
+    root = tmp_path / "experiments"
+    experiment = experiments.load_experiment(write_experiment(root, "mix", config))
+    for label, per_task in (("dual", {"a": 0.8, "b": 0.4}), ("lora", {"a": 0.6, "b": 0.5})):
+        for seed in (0, 1):
+            fabricate(experiment, label, 0.01, seed, sum(per_task.values()) / 2, kind="multiple_choice")
+            path = experiments.Run(experiment, label, 0.01, seed).results_path
+            record = json.loads(path.read_text())
+            record["test"].update({f"accuracy/{t}": v for t, v in per_task.items()})
+            record["baselines"] = {"majority": {"a": 0.5, "b": 0.3}, "chance": {"a": 0.5, "b": 0.25}}
+            path.write_text(json.dumps(record))
+    shutil.copy(suite_template(), root / "report_template.md")
+    assert main(["suite", "--root", str(root), "--report", "--docs-dir", str(tmp_path / "docs")]) == 0
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "| method | a | b | mean |" in text
+    assert "| dual | **80.0 ± 0.0** | 40.0 ± 0.0 | **60.0 ± 0.0** |" in text  # the best of each column in bold
+    assert "| lora | 60.0 ± 0.0 | **50.0 ± 0.0** | 55.0 ± 0.0 |" in text
+    assert "| majority (no model) | 50.0 | 30.0 | 40.0 |" in text
+    assert "| chance (no model) | 50.0 | 25.0 | 37.5 |" in text
+    assert "| accuracy/a" not in text  # the per-task scores are not columns of the method table
+
+
+def test_every_run_on_the_papers_tasks_is_one_command_on_data_the_index_serves():
+    """A fresh clone without the BIG-bench archive can make any row of these experiments: each run's command
+    parses back to its options, and its task's source is one the package index serves (test_real_sources.py checks
+    that the index still serves it)."""
+    import shlex
+
+    from duallora.app.catalog import fetchable
+    from duallora.app.claims import PAPERS_TASKS, data_family
+    from duallora.app.cli import build_parser, run_config
+    from duallora.app.results import collect
+    from duallora.app.run_config import command_line
+    from duallora.app.tasks import registry
+
+    repo = Path(__file__).parents[1]
+    papers = [e for e in experiments.load_experiments(repo / "experiments")
+              if data_family(collect(e)) == PAPERS_TASKS]
+    assert {e.name for e in papers} == {"commonsense-eight", "nlu-sst2", "nlu-mrpc", "nlu-rte", "nlu-rated-sentiment"}
+    for experiment in papers:
+        assert fetchable(registry()[experiment.base["task"]]), experiment.name
+        for run in experiments.plan(experiment, {}):
+            cfg = experiments.Run(experiment, run.label, run.lr or experiment.lr_grid[0], run.seed).config()
+            argv = shlex.split(command_line(cfg))[1:]
+            assert run_config(build_parser().parse_args(argv), drop=("resume", "overwrite")) == cfg, run.name

@@ -8,7 +8,15 @@ import pytest
 from conftest import sentiment_rows
 
 from duallora.app.evaluate import accuracy_scores
-from duallora.app.tasks import Example, Task, deterministic_split, interleave, load_task, majority_baseline
+from duallora.app.tasks import (
+    Example,
+    Task,
+    baseline_rates,
+    deterministic_split,
+    interleave,
+    load_task,
+    majority_baseline,
+)
 from duallora.app.tasks.bigbench import BIGBENCH_TASKS
 from duallora.app.tasks.sources import SourceUnavailable
 
@@ -170,3 +178,8 @@ def test_a_mix_is_scored_per_task_and_averaged_with_every_task_counted_once():
     task = Task("mix", "multiple_choice", [], [], examples)
     large[0].label = 0  # "large": 11 of 12 at position 1; "small": 4 of 4 at position 0
     assert majority_baseline(task, examples) == pytest.approx((1 + 11 / 12) / 2)
+    large[1].choices = ["x", "y", "z", "w"]  # chance: a uniform guess among each example's own answers
+    assert baseline_rates(task, examples) == {"majority": {"small": 1.0, "large": pytest.approx(11 / 12)},
+                                              "chance": {"small": 0.5, "large": pytest.approx((11 / 2 + 1 / 4) / 12)}}
+    assert baseline_rates(Task("one", "classification", [], [], [], label_names=["a", "b", "c"]),
+                          [Example("c", label=2)] * 3) == {"majority": {"one": 1.0}, "chance": {"one": 1 / 3}}

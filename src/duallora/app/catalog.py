@@ -61,6 +61,16 @@ def fetch_tasks(names: list[str]) -> list[str]:
     return lines
 
 
+def _metric_text(task) -> str:
+    """The metric, and for multiple choice how the answers are ranked (each example's ``choice_score``)."""
+    rules = {e.choice_score for e in task.test} if task.kind == "multiple_choice" else set()
+    if rules == {"per_char"}:
+        return "accuracy (answers ranked by log-likelihood per character)"
+    if len(rules) > 1:
+        return "accuracy (answers ranked by log-likelihood, per character for some tasks)"
+    return METRIC[task.kind]
+
+
 def markdown() -> str:
     """Every task that can be read here, with its source, licence, split sizes, carving, majority rate and metric;
     BIG-bench's tasks (optional) with what is known without their archive."""
@@ -70,6 +80,7 @@ def markdown() -> str:
     for info in registry().values():
         source = _source_text(info) + ("" if info.source is None else f" ({info.source.size})")
         licence = info.licence or ("see the package" if info.source is None else info.source.licence)
+        metric = METRIC[info.kind]
         if info.source is BIGBENCH_SOURCE and not task_data_cached(info):
             sizes, majority = "archive not installable", "-"
         else:
@@ -77,8 +88,9 @@ def markdown() -> str:
             sizes = f"{len(task.train):,} / {len(task.validation):,} / {len(task.test):,}"
             rate = majority_baseline(task, task.test)
             majority = "-" if rate is None else f"{100 * rate:.1f}"
+            metric = _metric_text(task)
         lines.append("| " + " | ".join([f"`{info.name}`", info.kind.replace("_", " "), source, licence, sizes,
-                                        info.carving, majority, METRIC[info.kind]]) + " |")
+                                        info.carving, majority, metric]) + " |")
     for data in SFT_DATASETS.values():
         train, validation = sft_split(data.name)
         lines.append("| " + " | ".join([f"`{data.name}`", "sft", f"{data.source.requirement} ({data.source.size})",

@@ -107,6 +107,16 @@ def _field_type(annotation: str):
     return str
 
 
+def _or_none(kind):
+    """A flag's type that also reads ``none`` as None (an option whose default is a value, such as the evaluation
+    cap, set to no value)."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
 def add_run_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """One flag per RunConfig field; unset flags stay absent so that a config file can fill them."""
     for f in fields(RunConfig):
@@ -119,8 +129,10 @@ def add_run_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = 
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=HELP.get(f.name, "") + default_note)
         else:
-            parser.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS,
-                                help=HELP.get(f.name, "") + default_note)
+            optional = "Optional" in str(f.type) and f.default is not None  # "none" sets it to None
+            parser.add_argument(*flags, dest=f.name, type=_or_none(kind) if optional else kind,
+                                default=argparse.SUPPRESS, help=HELP.get(f.name, "") + default_note
+                                + (" ('none': no limit)" if optional else ""))
     parser.add_argument("--config", help="YAML or JSON file of options (flags on the command line win)")
 
 

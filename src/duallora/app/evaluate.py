@@ -1,5 +1,6 @@
 """Scoring a model on a split: accuracy for classification, log-likelihood choice accuracy for multiple choice
-with a causal LM, BLEU and ROUGE-L (sacrebleu, rouge-score) for generation."""
+with a causal LM (each example's answers ranked by its ``choice_score`` rule, :func:`rank_scores`), BLEU and
+ROUGE-L (sacrebleu, rouge-score) for generation."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .data import IGNORE_INDEX, collate, encode_for_training, encode_prompt_and_
 from .tasks import Example, Task, by_group
 
 PRIMARY_METRIC = {"classification": "accuracy", "multiple_choice": "accuracy", "generation": "bleu"}
+CHOICE_SCORES = ("sum", "per_char")  # the rules of rank_scores
 
 
 @torch.no_grad()
@@ -97,7 +99,8 @@ def _classification_correct(model, tokenizer, task, examples, max_length, batch_
 
 
 def choice_log_likelihoods(model, tokenizer, prompt_text: str, choices: list[str], max_length: int) -> torch.Tensor:
-    """Sum of log p(choice tokens | prompt) for each choice (BIG-bench's multiple-choice score)."""
+    """``log p(" " + choice | prompt)`` for each choice: the sum over the answer's tokens of
+    ``log p(a_t | prompt, a_<t)``."""
     features = [encode_prompt_and_answer(tokenizer, prompt_text, " " + c, max_length) for c in choices]
     batch = collate(features, tokenizer.pad_token_id)
     labels = batch.pop("labels").to(_device(model))
@@ -109,11 +112,27 @@ def choice_log_likelihoods(model, tokenizer, prompt_text: str, choices: list[str
     return (picked * mask).sum(-1).cpu()
 
 
+def rank_scores(log_likelihoods: torch.Tensor, choices: list[str], rule: str) -> torch.Tensor:
+    """What the answers of one multiple-choice example are ranked by (the highest is the model's answer).
+
+    - ``"sum"``: the answer's log-likelihood itself (BIG-bench's score). Every token costs probability, so it
+      favours short answers: on answers of unequal length it can score below chance.
+    - ``"per_char"``: that log-likelihood over the answer's length in characters, ``log p(a | x) / len(a)``
+      (lm-evaluation-harness's ``acc_norm``, OLMo's ``len_norm``), which puts answers of any length on one scale.
+      Characters rather than tokens: the count does not depend on the tokenizer being compared."""
+    if rule == "sum":
+        return log_likelihoods
+    if rule == "per_char":
+        lengths = torch.tensor([len(" " + c) for c in choices], dtype=log_likelihoods.dtype)  # as scored
+        return log_likelihoods / lengths
+    raise ValueError(f"Unknown choice_score {rule!r}; valid: {list(CHOICE_SCORES)}")
+
+
 def _choice_correct(model, tokenizer, task, examples, max_length, bar) -> list[bool]:
     correct = []
     for e in examples:
-        correct.append(choice_log_likelihoods(model, tokenizer, prompt(task, e), e.choices, max_length).argmax().item()
-                       == e.label)
+        likelihoods = choice_log_likelihoods(model, tokenizer, prompt(task, e), e.choices, max_length)
+        correct.append(rank_scores(likelihoods, e.choices, e.choice_score).argmax().item() == e.label)
         bar.update(1)
     return correct
 

@@ -11,8 +11,10 @@ An experiment is one of two kinds:
 - an **ablation** (``variants`` + ``seeds``): named overrides of the base run options, each run at every seed.
 
 Either may set ``inspect: true``: each run at the first seed (full fine-tuning excepted: it has no adapter) then
-also gets the rank analysis of :mod:`duallora.app.inspect`, stored in its results file. ``duallora compare`` builds
-a comparison in memory from its flags (:func:`comparison`).
+also gets the rank analysis of :mod:`duallora.app.inspect`, stored in its results file. Either may set
+``zero_shot: true`` (a causal LM's multiple-choice or generation task): the base model, unadapted, is scored once
+on the same validation and test examples (:mod:`duallora.app.zero_shot`), so the report shows what training
+added. ``duallora compare`` builds a comparison in memory from its flags (:func:`comparison`).
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from typing import Optional
 from .run_config import METHODS, RunConfig, adapter_config
 
 CONFIG_NAME = "config.yaml"
-TOP_LEVEL_KEYS = ("description", "base", "methods", "lr_grid", "seeds", "variants", "inspect")
+TOP_LEVEL_KEYS = ("description", "base", "methods", "lr_grid", "seeds", "variants", "inspect", "zero_shot")
 SET_PER_RUN = ("output_dir", "seed")  # the suite sets these for every run
 SET_PER_COMPARISON_RUN = ("method", "lr")  # and, in a comparison, these
 METHOD_VARIANT = re.compile(r"^(?P<method>[a-z0-9]+?)(?:-(?P<factor>\d+)r)?$")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFAULT_RUNS_DIR = Path("runs/experiments")
+ZERO_SHOT_RUN = "zero-shot"  # the results file of the base model's scores (not a run of the plan)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Experiment:
     # run at the base's lr or, where it has none, the method's default
     variants: dict = field(default_factory=dict)  # ablation: variant name -> run option overrides
     inspect: bool = False
+    zero_shot: bool = False  # the base model, unadapted, scored once on the same examples
     description: str = ""
 
     @property
@@ -173,6 +177,17 @@ def _check_not_set(options: dict, names: tuple[str, ...], what: str, where: str)
         raise ValueError(f"{where}: {what} sets {given}, which the suite sets for every run; remove them.")
 
 
+def _check_zero_shot(zero_shot: bool, base: dict, where: str) -> None:
+    """A zero-shot score needs a task the base model answers as it is: a classification head starts untrained."""
+    from .tasks import registry
+
+    info = registry().get(base.get("task", RunConfig.task))
+    if zero_shot and info is not None and info.kind == "classification":
+        raise ValueError(f"{where}: zero_shot scores the base model untrained, but {info.name!r} is a classification "
+                         "task, whose head starts random (its zero-shot score is chance by construction); the report "
+                         "gives the majority class instead. Remove zero_shot.")
+
+
 def load_experiment(directory: Path) -> Experiment:
     """Read and check one experiment; every run's options are validated here, before anything runs."""
     import yaml
@@ -193,10 +208,13 @@ def load_experiment(directory: Path) -> Experiment:
         raise ValueError(f"{where}: give either `methods` and `lr_grid` (a comparison) or `variants` (an ablation).")
     base = _typed(_mapping(raw.get("base"), "base", where))
     _check_not_set(base, SET_PER_RUN, "base", where)
-    if not isinstance(raw.get("inspect", False), bool):
-        raise ValueError(f"{where}: inspect must be true or false; got {raw['inspect']!r}.")
+    for flag in ("inspect", "zero_shot"):
+        if not isinstance(raw.get(flag, False), bool):
+            raise ValueError(f"{where}: {flag} must be true or false; got {raw[flag]!r}.")
+    _check_zero_shot(raw.get("zero_shot", False), base, where)
     common = dict(name=directory.name, directory=directory, base=base, seeds=_seeds(raw.get("seeds"), where),
-                  inspect=raw.get("inspect", False), description=str(raw.get("description", "")).strip())
+                  inspect=raw.get("inspect", False), zero_shot=raw.get("zero_shot", False),
+                  description=str(raw.get("description", "")).strip())
     if "methods" in raw:
         _check_not_set(base, SET_PER_COMPARISON_RUN, "base", where)
         methods = raw["methods"]
@@ -254,7 +272,8 @@ def read_results(experiment: Experiment) -> dict[str, dict]:
     """Finished runs of an experiment: run name -> its results file's content."""
     if not experiment.results_dir.is_dir():
         return {}
-    return {p.stem: json.loads(p.read_text()) for p in sorted(experiment.results_dir.glob("*.json"))}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(experiment.results_dir.glob("*.json"))
+            if p.stem != ZERO_SHOT_RUN}
 
 
 def config_differences(saved: dict, cfg: RunConfig) -> list[str]:
@@ -312,7 +331,8 @@ def summary(experiment: Experiment) -> str:
             else f"{len(experiment.methods)} methods x {len(experiment.lr_grid)} lr" if experiment.lr_grid
             else f"{len(experiment.methods)} methods")
     return (f"{experiment.kind}, {base.get('model', RunConfig.model)} / {base.get('task', RunConfig.task)}, {steps}, "
-            f"{what}, seeds {list(experiment.seeds)}" + (", rank analysis" if experiment.inspect else ""))
+            f"{what}, seeds {list(experiment.seeds)}" + (", rank analysis" if experiment.inspect else "")
+            + (", zero-shot" if experiment.zero_shot else ""))
 
 
 def comparison(directory: Path, base: RunConfig, methods: list[str], seeds: list[int]) -> Experiment:

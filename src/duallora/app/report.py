@@ -32,6 +32,7 @@ from .results import (
     points,
     test_examples,
 )
+from .run_config import command_line
 from .run_files import atomic_write_text
 from .tasks import registry
 
@@ -43,6 +44,8 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 METRIC_NAMES = {"accuracy": "accuracy", "bleu": "BLEU", "rougeL": "ROUGE-L"}
+ZERO_SHOT_LABEL = "zero-shot (base model)"
+SMALL_TEST_SPLIT = 100  # fewer test examples than this: the caption says the task can barely separate methods
 
 
 KIND_ORDER = ("classification", "multiple_choice", "generation")  # NLU, commonsense, NLG: the papers' order
@@ -75,6 +78,9 @@ def _caption(results: ExperimentResults) -> str:
         examples = test_examples(results.any_result)
         text += (f" Majority class (test): {majority:.1f}; a method shows learning beyond it above "
                  f"{majority + margin:.1f} (2 standard errors of an accuracy on {examples} test examples).")
+        if examples < SMALL_TEST_SPLIT:
+            text += (f" **Only {examples} test examples**: one example is {100 / examples:.1f} points, so this task "
+                     "can separate methods only by large differences; it is reported, with this caveat, not dropped.")
     return text
 
 
@@ -110,6 +116,9 @@ def group_table(results: ExperimentResults) -> str:
         scores = [fmt_score(g.scores(m), bold=ranked and statistics.mean(g.scores(m)) == best.get(m))
                   + (f" (= {g.same_as}: identical runs)" if g.same_as else "") for m in metrics]
         rows.append(lead + scores + [str(len(g.results)) if g.results else "0"] + _cost_cells(g))
+    if results.zero_shot is not None and exp.kind == "comparison":
+        rows.append([ZERO_SHOT_LABEL, "–", "0", "–"] + [fmt_score([points(results.zero_shot["test"][m], m)])
+                                                        for m in metrics] + ["–", "", ""])
     identical = [g for g in results.groups if g.same_as]
     note = ""
     if identical:
@@ -158,7 +167,44 @@ def headline_table(comparisons: list[ExperimentResults]) -> str:
                 partial = f" ({len(scores)} of {seeds} seeds)" if len(scores) < seeds else ""
                 cells.append(fmt_score(scores, bold=statistics.mean(scores) == best_mean(c, c.metric)) + partial)
         rows.append([method] + cells)
+    if any(c.zero_shot for c in comparisons):
+        rows.append([ZERO_SHOT_LABEL] + [fmt_score([points(c.zero_shot["test"][c.metric], c.metric)])
+                                         if c.zero_shot else "–" for c in comparisons])
     return markdown_table(header, rows)
+
+
+def headline_by_data(comparisons: list[ExperimentResults]) -> str:
+    """One headline table per kind of data (the papers' tasks first, then the BIG-bench stand-ins)."""
+    from .claims import PAPERS_TASKS, STAND_INS, data_family
+
+    parts = []
+    for family in (PAPERS_TASKS, STAND_INS):
+        members = [c for c in comparisons if data_family(c) == family]
+        if members:
+            parts.append(f"**On {family}**\n\n{headline_table(members)}")
+    return "\n\n".join(parts)
+
+
+def per_task_table(results: ExperimentResults) -> str:
+    """A mix's test accuracy on each of its tasks and their mean (mean ± std over seeds), with the base model
+    unadapted, chance (a uniform guess) and the majority answer of each task below; the best method in bold."""
+    tasks = results.per_task
+    columns = [f"accuracy/{t}" for t in tasks] + ["accuracy"]
+    methods = [g for g in results.groups if g.results and not g.same_as]
+    best = {c: max(statistics.mean(g.scores(c)) for g in methods) for c in columns} if methods else {}
+    rows = [[g.label] + [fmt_score(g.scores(c), bold=statistics.mean(g.scores(c)) == best[c]) for c in columns]
+            for g in methods]
+    if results.zero_shot is not None:
+        rows.append([ZERO_SHOT_LABEL] + [f"{points(results.zero_shot['test'][c], 'accuracy'):.1f}" for c in columns])
+    for name, rates in (results.any_result or {}).get("baselines", {}).items():
+        values = [100 * rates[t] for t in tasks]
+        rows.append([f"{name} (no model)"] + [f"{v:.1f}" for v in values] + [f"{statistics.mean(values):.1f}"])
+    examples = test_examples(results.any_result)
+    return (f"Test accuracy per task ({examples} test examples in all, interleaved task by task: about "
+            f"{examples // len(tasks)} per task, fewer where a task's test portion is smaller), and the mean over the "
+            "tasks, each counted once (the papers' Avg. column). Chance: a uniform guess among each example's "
+            "answers; majority: always the most frequent position of the right answer.\n\n"
+            + markdown_table(["method"] + tasks + ["mean"], rows))
 
 
 def budget_table(all_results: list[ExperimentResults]) -> str:
@@ -177,6 +223,8 @@ def budget_table(all_results: list[ExperimentResults]) -> str:
         lr = ", ".join(f"{g:g}" for g in exp.lr_grid) if exp.kind == "comparison" else f"{cfg.learning_rate:g}"
         walls = [r["suite"]["wall_seconds"] for r in done if r["suite"]["wall_seconds"] is not None]
         wall = f"{sum(walls) / 60:.0f} min" + (f" ({len(walls)} of the runs)" if len(walls) < len(done) else "")
+        if res.zero_shot is not None:  # scoring the base model is part of the experiment's time
+            wall += f" + {res.zero_shot['suite']['wall_seconds'] / 60:.0f} min zero-shot"
         rows.append([exp.name, exp.kind, res.task, *steps, str(cfg.max_length), str(cfg.max_eval_examples or "all"),
                      lr, ", ".join(map(str, exp.seeds)), f"{len(done)} of {len(runs)}",
                      f"{sum(r['train_seconds'] for r in done) / 60:.0f} min", wall])
@@ -252,10 +300,14 @@ def plot_comparison(results: ExperimentResults, path: Path) -> bool:
     ax.bar([g.label for g in groups], means, yerr=stds, capsize=6,
            color=["tab:orange" if g.label.startswith(("dual", "d2")) else "tab:gray" for g in groups])
     majority = results.majority[0] if results.majority else None
+    zero = points(results.zero_shot["test"][metric], metric) if results.zero_shot else None
     if majority is not None:
         ax.axhline(majority, color="black", linestyle=":", label="majority class")
+    if zero is not None:
+        ax.axhline(zero, color="tab:blue", linestyle="--", label="zero-shot (base model)")
+    if majority is not None or zero is not None:
         ax.legend(loc="lower right")
-    low = min([m - s for m, s in zip(means, stds)] + [majority if majority is not None else float("inf")])
+    low = min([m - s for m, s in zip(means, stds)] + [v for v in (majority, zero) if v is not None])
     ax.set_ylim(max(0.0, low - 0.1 * abs(low)), None)  # zoomed to the scores, the majority line kept in view
     ax.set_ylabel(f"test {_name(metric)} (points)")
     ax.set_title(f"{results.task} ({len(results.experiment.seeds)} seed(s))")
@@ -330,10 +382,23 @@ def plot_ranks(inspected: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def comparison_section(res: ExperimentResults, figures: Path) -> str:
-    """A comparison's results table, learning-rate table and bar plot."""
+def reproduce_line(res: ExperimentResults) -> str:
+    """The command of one of the comparison's runs, to make a row again from a fresh clone: Dual LoRA at its chosen
+    learning rate and first seed where it has one, else the first run of the plan."""
     exp = res.experiment
-    parts = [f"### {exp.name}: {res.task}", exp.description, group_table(res), lr_table(res)]
+    dual = res.group("dual")
+    run = (Run(exp, "dual", dual.lr, exp.seeds[0]) if dual is not None and dual.lr is not None
+           else plan(exp, res.finished)[0])
+    what = f"{run.label} at lr {run.config().learning_rate:g}, seed {run.seed}"
+    return (f"One run from a fresh clone ({what}; every row the same way with its method, lr and seed, or all of them "
+            f"with `duallora suite {exp.name}`):\n\n```bash\n{command_line(run.config())}\n```")
+
+
+def comparison_section(res: ExperimentResults, figures: Path) -> str:
+    """A comparison's results table, learning-rate table, bar plot and the command of one of its runs."""
+    exp = res.experiment
+    parts = [f"### {exp.name}: {res.task}", exp.description, group_table(res),
+             per_task_table(res) if res.per_task else "", lr_table(res), reproduce_line(res)]
     if plot_comparison(res, figures / f"{exp.name}.png"):
         parts.append(f"![{exp.name}](results/{exp.name}.png)")
     return "\n\n".join(p for p in parts if p)
@@ -376,10 +441,15 @@ def data_note(all_results: list[ExperimentResults]) -> str:
                    for requirement, names in gone.items())
 
 
+def comparisons_of(all_results: list[ExperimentResults]) -> list[ExperimentResults]:
+    """The comparisons, in the papers' order of task kinds (NLU, commonsense, NLG)."""
+    return sorted((r for r in all_results if r.experiment.kind == "comparison"),
+                  key=lambda r: KIND_ORDER.index(r.kind) if r.kind in KIND_ORDER else len(KIND_ORDER))
+
+
 def sections(all_results: list[ExperimentResults], figures: Path) -> dict[str, str]:
     """The generated text of every template placeholder."""
-    comparisons = sorted((r for r in all_results if r.experiment.kind == "comparison"),
-                         key=lambda r: KIND_ORDER.index(r.kind) if r.kind in KIND_ORDER else len(KIND_ORDER))
+    comparisons = comparisons_of(all_results)
     ablations = [r for r in all_results if r.experiment.kind == "ablation" and not r.experiment.inspect]
     inspected = [r for r in all_results if r.experiment.inspect]
     done = sum(r.done for r in all_results)
@@ -388,7 +458,7 @@ def sections(all_results: list[ExperimentResults], figures: Path) -> dict[str, s
         "status": f"{done} of {planned} runs finished in {len(all_results)} experiments "
                   f"({', '.join(r.experiment.name for r in all_results)})." + data_note(all_results),
         "budget": budget_table(all_results),
-        "headline": headline_table(comparisons) if comparisons else NOT_RUN,
+        "headline": headline_by_data(comparisons) if comparisons else NOT_RUN,
         "claims": claims_table(comparisons),
         "comparisons": "\n\n".join(comparison_section(r, figures) for r in comparisons) or NOT_RUN,
         "ablations": "\n\n".join(ablation_section(r, figures) for r in ablations) or NOT_RUN,
@@ -405,11 +475,19 @@ def fill(template: str, values: dict[str, str], where: Path) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
 
 
-def readme_summary(values: dict[str, str], report: str) -> str:
-    """The README's short form of the report: status, headline table and the claims, with a link to the rest."""
-    pointer = (f"Status: {values['status']} Built by `duallora suite --report` from the committed results; per-task "
-               f"tables, learning rates, costs, ablations, rank analysis and caveats: [{report}]({report}).")
-    return "\n\n".join([pointer, values["headline"], values["claims"]])
+def readme_summary(status: str, comparisons: list[ExperimentResults], report: str) -> str:
+    """The README's short form of the report: status, the headline on the papers' tasks (where there are any) and
+    the claims' differences with their verdicts in brief, with a link to the rest."""
+    from .claims import PAPERS_TASKS, data_family
+
+    pointer = (f"Status: {status} Built by `duallora suite --report` from the committed results; the stand-ins' "
+               f"headline, per-task tables, learning rates, costs, ablations, rank analysis, the verdicts in full and "
+               f"caveats: [{report}]({report}).")
+    papers = [c for c in comparisons if data_family(c) == PAPERS_TASKS] or comparisons
+    parts = [pointer]
+    if papers:
+        parts.append(headline_by_data(papers))
+    return "\n\n".join(parts + [claims_table(comparisons, brief_cells=True)])
 
 
 def update_readme(readme: Path, summary: str) -> bool:
@@ -440,4 +518,5 @@ def build_report(root: Path, docs_dir: Path) -> list[Path]:
     atomic_write_text(out, text)
     readme = root.resolve().parent / "README.md"
     report_link = Path(os.path.relpath(out.resolve(), readme.parent)).as_posix()
-    return [out] + ([readme] if update_readme(readme, readme_summary(values, report_link)) else [])
+    summary = readme_summary(values["status"], comparisons_of(all_results), report_link)
+    return [out] + ([readme] if update_readme(readme, summary) else [])

@@ -19,8 +19,9 @@ NOT_RUN = "not run yet"
 
 
 def points(value: float, metric: str) -> float:
-    """A score in points: accuracy in [0, 1] times 100; BLEU and ROUGE-L are 0-100 already."""
-    return 100 * value if metric == "accuracy" else value
+    """A score in points: an accuracy (a mix's per-task ``accuracy/<task>`` too) in [0, 1] times 100; BLEU and
+    ROUGE-L are 0-100 already."""
+    return 100 * value if metric.split("/", 1)[0] == "accuracy" else value
 
 
 def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
@@ -76,10 +77,17 @@ class ExperimentResults:
     experiment: Experiment
     finished: dict[str, dict]
     groups: list[Group] = field(default_factory=list)
+    zero_shot: Optional[dict] = None  # the base model's scores (zero_shot: true), once made
 
     @property
     def any_result(self) -> Optional[dict]:
-        return next(iter(self.finished.values()), None)
+        return next(iter(self.finished.values()), self.zero_shot)
+
+    @property
+    def per_task(self) -> list[str]:
+        """The tasks of a mix, each scored on its own (``accuracy/<task>``); empty for a single task."""
+        first = self.any_result
+        return [k.split("/", 1)[1] for k in first["test"] if k.startswith("accuracy/")] if first else []
 
     @property
     def kind(self) -> Optional[str]:
@@ -97,11 +105,13 @@ class ExperimentResults:
 
     @property
     def metrics(self) -> list[str]:
-        """The primary metric first, then the other numeric test scores (ROUGE-L next to BLEU)."""
+        """The primary metric first, then the other numeric test scores (ROUGE-L next to BLEU); a mix's per-task
+        scores have a table of their own."""
         if not self.any_result:
             return []
         test = self.any_result["test"]
-        return [self.metric] + [k for k, v in test.items() if k != self.metric and isinstance(v, (int, float))]
+        return [self.metric] + [k for k, v in test.items()
+                                if k != self.metric and isinstance(v, (int, float)) and "/" not in k]
 
     @property
     def task(self) -> str:
@@ -166,8 +176,10 @@ def mark_identical(groups: list[Group]) -> None:
 
 def collect(experiment: Experiment) -> ExperimentResults:
     """The experiment's finished runs, grouped: a comparison's methods at their chosen lr, an ablation's variants."""
+    from . import zero_shot
+
     finished = finished_runs(experiment)
-    out = ExperimentResults(experiment, finished)
+    out = ExperimentResults(experiment, finished, zero_shot=zero_shot.read(experiment))
     if experiment.kind == "ablation":
         for variant in experiment.variants:
             runs = [finished[n] for s in experiment.seeds if (n := Run(experiment, variant, None, s).name) in finished]

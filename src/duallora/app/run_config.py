@@ -168,6 +168,27 @@ class RunConfig:
         return cls(**values)
 
 
+def command_line(cfg: RunConfig) -> str:
+    """The ``duallora train`` command that makes this run again: a flag for every option that differs from its
+    default (``none`` for an option set to None whose default is a value, as the command line reads it)."""
+    import shlex
+
+    parts = ["duallora", "train"]
+    for f in fields(RunConfig):
+        value = getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        if value is None:
+            parts += [flag(f.name), "none"]
+        elif isinstance(value, bool):
+            parts.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+        elif isinstance(value, list):
+            parts += [flag(f.name), ",".join(map(str, value))]
+        else:
+            parts += [flag(f.name), format(value, "g") if isinstance(value, float) else str(value)]
+    return shlex.join(parts)
+
+
 def check_trackers(names: list[str]) -> None:
     """Every ``--report-to`` name known and its package installed, before anything is loaded or written (accelerate
     would drop a tracker whose package is missing with no more than a log line)."""

@@ -28,6 +28,7 @@ from .experiments import (
     plan,
     summary,
 )
+from . import zero_shot
 from .process import bf16_warning
 from .run_config import RunConfig
 from .run_files import atomic_write_text
@@ -128,9 +129,15 @@ def execute(run: Run, runs_dir: Path, progress: bool = True) -> dict:
 
 
 def run_experiment(experiment: Experiment, runs_dir: Path, progress: bool = True) -> int:
-    """Run every unfinished run of the experiment, planning again after each pass (a comparison's later seeds
-    wait for its grid). Returns the number of runs made."""
+    """Score the base model first if the experiment asks (``zero_shot``), then run every unfinished run of the
+    experiment, planning again after each pass (a comparison's later seeds wait for its grid). Returns the number
+    of runs made."""
     made = 0
+    if experiment.zero_shot and zero_shot.read(experiment) is None:
+        check_task_data(experiment)
+        if progress:
+            print(f"{experiment.name}/{zero_shot.NAME}: scoring the base model", flush=True)
+        zero_shot.score(experiment, progress)
     while True:
         finished = finished_runs(experiment)
         todo = [run for run in plan(experiment, finished) if run.ready and run.name not in finished]
@@ -183,8 +190,25 @@ MEASURED: dict[tuple[str, str, bool], Cost] = {
     ("smollm2", "social-iqa", True): Cost(startup=5, train_example=0.0824, eval_example=0.28, eval_split=195),
     ("smollm2", "strategyqa", True): Cost(startup=5, train_example=0.0504, eval_example=0.149, eval_split=229),
     ("smollm2", "e2e-nlg", True): Cost(startup=5, train_example=0.134, eval_example=0.20, eval_split=21),
+    # the papers' tasks (batch 8 for SmolLM2's mix, whose batches pad to 128 tokens; its evaluation in float32)
+    ("smollm2", "commonsense", True): Cost(startup=10, train_example=0.45, eval_example=0.42, eval_split=1970),
+    ("minilm", "sst2", True): Cost(startup=4, train_example=0.022, eval_example=0.008, eval_split=174),
+    ("minilm", "mrpc", True): Cost(startup=4, train_example=0.038, eval_example=0.018, eval_split=81),
+    ("minilm", "rte", True): Cost(startup=4, train_example=0.063, eval_example=0.024, eval_split=55),
+    ("minilm", "rated-sentiment", True): Cost(startup=4, train_example=0.0205, eval_example=0.0115, eval_split=2367),
 }
 METHOD_COST = {"lora": 1.0, "loraplus": 1.0, "dora": 1.3, "hira": 1.4, "dual": 1.5, "d2": 1.45, "full": 1.25}
+
+
+def _evaluation_seconds(cfg: RunConfig, cost: Cost) -> float:
+    """Scoring the validation and test splits, each capped by ``max_eval_examples``."""
+    return 2 * min(cfg.max_eval_examples or cost.eval_split, cost.eval_split) * cost.eval_example
+
+
+def estimate_zero_shot_seconds(cfg: RunConfig) -> Optional[float]:
+    """Wall time of scoring the base model: loading it and evaluating both capped splits."""
+    cost = MEASURED.get((cfg.model, cfg.task, cfg.bf16))
+    return None if cost is None else cost.startup + _evaluation_seconds(cfg, cost)
 
 
 def estimate_seconds(cfg: RunConfig, observed: list[float]) -> Optional[float]:
@@ -196,8 +220,7 @@ def estimate_seconds(cfg: RunConfig, observed: list[float]) -> Optional[float]:
     if cost is None:
         return None
     examples = (cfg.max_steps or 0) * cfg.batch_size * cfg.grad_accum
-    evaluated = 2 * min(cfg.max_eval_examples or cost.eval_split, cost.eval_split)
-    return cost.startup + examples * cost.train_example * METHOD_COST[cfg.method] + evaluated * cost.eval_example
+    return cost.startup + examples * cost.train_example * METHOD_COST[cfg.method] + _evaluation_seconds(cfg, cost)
 
 
 @dataclass(frozen=True)
@@ -226,6 +249,16 @@ def statuses(experiment: Experiment, runs_dir: Path) -> list[Status]:
     return out
 
 
+def zero_shot_status(experiment: Experiment) -> list[Status]:
+    """The zero-shot scoring as a status line of its own (none when the experiment asks for none)."""
+    if not experiment.zero_shot:
+        return []
+    cfg = zero_shot.base_config(experiment)
+    done = zero_shot.read(experiment) is not None
+    return [Status(Run(experiment, zero_shot.NAME, None, experiment.seeds[0]), done,
+                   None if done else estimate_zero_shot_seconds(cfg))]
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
@@ -243,10 +276,15 @@ def dry_run(root: Path, runs_dir: Path, names: Optional[list[str]] = None) -> st
     lines, everything = [], []
     for experiment in load_experiments(root, names):
         items = statuses(experiment, runs_dir)
-        everything += items
+        zero = zero_shot_status(experiment)
+        everything += items + zero
         done = sum(s.finished for s in items)
         lines.append(f"{experiment.name} ({summary(experiment)}): {done} of {len(items)} runs finished, "
-                     f"{_left(items)} left")
+                     f"{_left(items + zero)} left")
+        for s in zero:
+            state = "finished" if s.finished else "to run first (the base model, no training)"
+            estimate = "" if s.finished or s.seconds is None else f"~{s.seconds / 60:.1f} min"
+            lines.append(f"  {zero_shot.NAME:36s} {state:42s} {estimate}".rstrip())
         for s in items:
             state = ("finished" if s.finished else
                      "to run" if s.run.ready else "after its grid (lr chosen on validation)")

@@ -37,7 +37,7 @@ from .run_config import (LR_SCHEDULERS, RunConfig, adapter_config, resumed_confi
 from .run_config import optimizer as make_optimizer
 from .run_files import (atomic_dir, atomic_write_text, check_output_dir, latest_checkpoint, prepare_output_dir,
                         publish_weights)
-from .tasks import Task, load_task, majority_baseline
+from .tasks import Task, baseline_rates, load_task, majority_baseline
 
 
 def load_run_task(cfg: RunConfig) -> Task:
@@ -340,6 +340,7 @@ class TrainingSession:
             "trainable_params": trainable, "total_params": total,
             "test_examples": len(test_examples),  # the report weighs a score against the majority class by it
             "majority_baseline": majority_baseline(self.task, test_examples),
+            "baselines": baseline_rates(self.task, test_examples),  # per task: majority class and chance
             "config": asdict(cfg), "environment": environment(),
         }
         if cfg.trackers:

@@ -30,6 +30,7 @@ class Example:
     choices: Optional[list[str]] = None
     references: list[str] = field(default_factory=list)
     group: Optional[str] = None  # the task it came from, in a mix of tasks (scored per task, then averaged)
+    choice_score: str = "sum"  # multiple choice: how its answers are ranked (evaluate.CHOICE_SCORES)
 
 
 @dataclass
@@ -101,19 +102,30 @@ def by_group(examples: list[Example]) -> dict[Optional[str], list[int]]:
     return groups
 
 
-def majority_baseline(task: Task, examples: list[Example]) -> Optional[float]:
-    """Accuracy of always answering the most frequent label of ``examples`` (None for generation; for multiple
-    choice, the most frequent position of the right choice); for a mix of tasks, the mean of each task's, as its
-    accuracy is averaged."""
+def baseline_rates(task: Task, examples: list[Example]) -> dict[str, dict[str, float]]:
+    """What answering without the model scores, per task (each task of a mix, by name): ``majority``, the accuracy
+    of always giving the most frequent label of ``examples`` (for multiple choice, the most frequent position of
+    the right answer), and ``chance``, the expected accuracy of a uniform guess (the mean of ``1 / choices``).
+    Empty for generation."""
     if task.kind == "generation" or not examples:
-        return None
-    rates = []
-    for indices in by_group(examples).values():
+        return {}
+    rates: dict[str, dict[str, float]] = {"majority": {}, "chance": {}}
+    for group, indices in by_group(examples).items():
         counts: dict[int, int] = {}
         for i in indices:
             counts[examples[i].label] = counts.get(examples[i].label, 0) + 1
-        rates.append(max(counts.values()) / len(indices))
-    return sum(rates) / len(rates)
+        choices = [len(examples[i].choices) if examples[i].choices else len(task.label_names or [])
+                   for i in indices]
+        rates["majority"][group or task.name] = max(counts.values()) / len(indices)
+        rates["chance"][group or task.name] = sum(1 / k for k in choices) / len(indices)
+    return rates
+
+
+def majority_baseline(task: Task, examples: list[Example]) -> Optional[float]:
+    """The majority rate of :func:`baseline_rates` (None for generation); for a mix of tasks, the mean of each
+    task's, as its accuracy is averaged."""
+    majority = baseline_rates(task, examples).get("majority")
+    return sum(majority.values()) / len(majority) if majority else None
 
 
 @dataclass(frozen=True)

