@@ -109,7 +109,7 @@ def test_claims_over_loraplus_and_hira_and_hira_as_the_best_baseline(tiny_checkp
     over_hira = next(line for line in lines if "above HiRA" in line)
     # 75.0 - 62.0 and 75.0 - 70.0, each ± 1.0 over 3 seeds: standard error sqrt(2 / 3) = 0.8; the spec quotes no
     # figure for these claims, so the verdict compares none
-    assert "| dual - loraplus | +13.0 ± 0.8 |" in over_plus and over_plus.endswith("a gain beyond 2 standard errors |")
-    assert "| dual - hira | +5.0 ± 0.8 |" in over_hira and "paper's figure" not in over_hira
+    assert "| dual - loraplus | +13.0 ± 0.8 (" in over_plus and over_plus.endswith("a gain beyond 2 standard errors |")
+    assert "| dual - hira | +5.0 ± 0.8 (" in over_hira and "paper's figure" not in over_hira
     best = next(line for line in lines if "over the best baseline at its parameter count" in line)
-    assert "(vs hira)" in best and "| +5.0 ± 0.8 |" in best
+    assert "(vs hira)" in best and "| +5.0 ± 0.8 (" in best
