@@ -261,6 +261,7 @@ def test_report_fills_the_readme_between_its_markers_only(finished_comparison, t
     assert text.count("| method |") == 1 and text.count("| paper | claim |") == 1
     # the claims in brief: one cell per kind of data, the difference and the verdict's first words
     assert "| paper | claim | ours | the papers' tasks: difference, verdict |" in text
+    assert "| Dual LoRA | E2E NLG, GPT-2: BLEU 70.6 | dual - lora | – (no experiment of this kind) |" in text
     assert "| the papers' tasks: verdict |" in (docs / "RESULTS.md").read_text()  # the report keeps them whole
     report = (docs / "RESULTS.md").read_text()
     headline = next(line for line in text.splitlines() if line.startswith("| dual |"))
@@ -428,6 +429,10 @@ def test_claims_are_judged_on_the_stand_ins_and_the_papers_tasks_side_by_side(ti
                                                                                     "bert")
     assert "| -10.0 ± 0.8 (" in claim and claim.endswith("| disagrees: dual behind by more than 2 standard errors; "
                                                          "the paper's figure is outside ours ± 2 standard errors |")
+    # no generation task on either kind of data: nothing is pending, so the row says so rather than "not run yet"
+    nlg = next(line for line in text.splitlines() if "E2E NLG, GPT-2: BLEU 70.6" in line)
+    assert nlg.endswith("| – | no task of this kind among these experiments | – | no task of this kind among these "
+                        "experiments |")
 
 
 def test_best_baseline_is_among_the_methods_with_dual_loras_parameters(tiny_checkpoints, tiny_csv, tmp_path):

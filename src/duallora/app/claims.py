@@ -122,6 +122,8 @@ def verdict(claim: Claim, d: Difference) -> str:
 
 
 STAND_INS, PAPERS_TASKS = "BIG-bench stand-ins", "the papers' tasks"
+UNTAUGHT = "no task of this kind taught the methods anything measurable (see above)"
+NO_EXPERIMENT = "no task of this kind among these experiments"
 
 
 def data_family(res: ExperimentResults) -> str:
@@ -139,17 +141,20 @@ def claim_cells(comparisons: list[ExperimentResults], claim: Claim) -> list[str]
     d = difference(comparisons, claim)
     if d is None:
         tasks = [res for res in comparisons if res.kind in claim.kinds]
-        settled = bool(tasks) and all(res.at_majority and res.complete for res in tasks)
-        why = "no task of this kind taught the methods anything measurable (see above)"
-        return ["–", why] if settled else [NOT_RUN, NOT_RUN]
+        if not tasks:  # e.g. no generation task among the papers' tasks: nothing is pending, so not "not run yet"
+            return ["–", NO_EXPERIMENT]
+        settled = all(res.at_majority and res.complete for res in tasks)
+        return ["–", UNTAUGHT] if settled else [NOT_RUN, NOT_RUN]
     return [f"{d.mean:+.1f} ± {d.se:.1f} ({'; '.join(d.tasks)})", verdict(claim, d)]
 
 
 def brief(cells: list[str]) -> str:
     """A claim's difference and verdict in one short cell: ``+2.2 ± 0.8: agrees in direction``."""
     difference, verdict_text = cells
-    if difference in ("–", NOT_RUN):
-        return difference if difference == NOT_RUN else "– (taught nothing measurable)"
+    if difference == NOT_RUN:
+        return NOT_RUN
+    if difference == "–":
+        return "– (no experiment of this kind)" if verdict_text == NO_EXPERIMENT else "– (taught nothing measurable)"
     return f"{difference.split(' (', 1)[0]}: {verdict_text.split(':', 1)[0].split(';', 1)[0]}"
 
 
