@@ -22,14 +22,7 @@ NEWEST=(transformers peft trl accelerate)
 TESTS=(tests/test_peft_integration.py tests/test_trainer.py tests/test_trl.py tests/test_mixed_batch.py tests/test_merge.py)
 mkdir -p "$OUT"
 
-pip_install() {  # as in scripts/install.sh: pip's exit status, its "Location ... is ignored" lines dropped
-  local log status=0
-  log=$(mktemp)
-  $PY -m pip install -q "$@" >"$log" 2>&1 || status=$?
-  grep -v "^WARNING: Location" "$log" || true
-  rm -f "$log"
-  return "$status"
-}
+source scripts/pip_env.sh  # pip_install, and the machine's wheel folder for the CPU torch
 
 if [ "$INSTALL" = 1 ]; then
   [ -x "$PY" ] || python3 -m venv "$VENV"

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +61,13 @@ def test_the_library_alone_installs_and_works_in_a_fresh_venv(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
 
     pip("torch")  # first and pinned: the CPU build on this machine's disk (constraints.txt)
+    # the very build this suite runs on (here 2.13.0+cpu from the machine's wheel folder), not PyPI's CUDA build with
+    # its nvidia packages: pip finds the folder through PIP_FIND_LINKS, which scripts/test.sh exports even under env -i
+    fresh = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True,
+                           timeout=300)
+    assert fresh.stdout.strip() == torch.__version__, (
+        f"a fresh venv got torch {fresh.stdout.strip()!r}, this suite runs {torch.__version__!r}: pip did not find "
+        "the machine's wheel folder (run the tests through scripts/test.sh, or set PIP_FIND_LINKS)")
     pip(str(ROOT))
     result = subprocess.run([python, "-c", LIBRARY_USE], capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
